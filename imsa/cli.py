@@ -1,0 +1,103 @@
+# PYTHON_ARGCOMPLETE_OK
+"""The command line: argparse + argcomplete, the only place that prints errors for people and picks exit codes.
+
+Nothing heavy is imported here at module level (no boto3, Flask or waitress), so completion and status stay fast.
+"""
+
+import argparse
+import logging
+import sys
+
+from imsa import __version__
+from imsa.errors import EXIT_ERROR, EXIT_INTERRUPTED, ImsaError
+
+
+def _complete_profiles(prefix, **_kwargs):
+    from imsa import config
+
+    return [name for name in config.profile_names() if name.startswith(prefix)]
+
+
+def build_parser():
+    """The argument parser for every command."""
+    parser = argparse.ArgumentParser(
+        prog="imsa",
+        description="Temporary AWS credentials for every SDK on this machine, from one MFA session.",
+    )
+    parser.add_argument("--version", action="version", version=f"imsa {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show debug logs and tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show what imsa does")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    start = commands.add_parser("start", help="start the service")
+    start.add_argument("--listen", metavar="ADDR:PORT", help="where IMDS listens (default 169.254.169.254:80)")
+    start.add_argument("--foreground", action="store_true", help="serve in this process (for systemd)")
+    start.add_argument("--allow-imdsv1", action="store_true", help="also answer requests without an IMDSv2 token")
+    start.add_argument("--user", metavar="NAME", help="when run as root: the user to serve (default: SUDO_USER)")
+
+    commands.add_parser("stop", help="stop the service")
+
+    status = commands.add_parser("status", help="show what the service serves")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    assume = commands.add_parser("assume", help="make PROFILE the role every SDK on the machine gets")
+    assume.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
+    assume.add_argument("--mfa-token", metavar="CODE", help="the 6-digit MFA code (else mfa_process or a prompt)")
+
+    export = commands.add_parser("export", help="print shell exports of PROFILE's credentials")
+    export.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
+    export.add_argument("--format", choices=("sh", "fish", "json"), default="sh", help="output format (default sh)")
+    export.add_argument("--mfa-token", metavar="CODE", help="the 6-digit MFA code (else mfa_process or a prompt)")
+    return parser
+
+
+def run(args):
+    """Dispatch parsed *args* to commands.py."""
+    from imsa import commands
+
+    if args.command == "start":
+        return commands.start(args.listen, args.allow_imdsv1, args.foreground, args.user, debug=args.debug)
+    if args.command == "stop":
+        return commands.stop()
+    if args.command == "status":
+        return commands.status(args.json)
+    if args.command == "assume":
+        return commands.assume(args.profile, args.mfa_token)
+    if args.command == "export":
+        return commands.export(args.profile, args.format, args.mfa_token)
+    raise AssertionError(args.command)
+
+
+def main(argv=None):
+    """Entry point of the ``imsa`` command; returns the exit code."""
+    parser = build_parser()
+    try:
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+    except ImportError:  # completion is a convenience
+        pass
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="imsa: %(message)s", stream=sys.stderr)
+    if not args.debug:
+        logging.getLogger("botocore").setLevel(logging.WARNING)
+    try:
+        return run(args)
+    except ImsaError as error:
+        if args.debug:
+            logging.exception("failed")
+        sys.stderr.write(f"imsa: error: {error}\n")
+        return error.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("imsa: interrupted\n")
+        return EXIT_INTERRUPTED
+    except Exception as error:  # the one funnel: a bug still gets one line, and a traceback with --debug
+        if args.debug:
+            raise
+        sys.stderr.write(f"imsa: error: unexpected {type(error).__name__}: {error} (run with --debug for details)\n")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""One plain function per command: no argparse, no sys.exit, no Flask. They return an exit code.
+
+``out`` carries data (exports, JSON) and ``err`` everything meant for people.
+"""
+
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from imsa import config
+from imsa.client import Client
+from imsa.credentials import Credentials, format_time, mask, parse_time, utcnow
+from imsa.errors import EXIT_ERROR, EXIT_OK, ServiceError, ServiceNotRunning
+
+# A session with less than this left is renewed (with MFA) before it is used for a new role.
+SESSION_MIN_LEFT = datetime.timedelta(minutes=10)
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+POLL = 0.05
+
+
+class Io:
+    """Where a command writes: data to *out*, people's text to *err*."""
+
+    def __init__(self, out=None, err=None):
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+
+    def data(self, text):
+        """Write to stdout."""
+        self.out.write(text)
+        self.out.flush()
+
+    def say(self, text):
+        """Write one line to stderr."""
+        self.err.write(text + "\n")
+        self.err.flush()
+
+
+def _load_profile(name, io):
+    return config.load(warn=io.say).get(name)
+
+
+def _describe_left(expiration, now=None):
+    seconds = int((expiration - (now or utcnow())).total_seconds())
+    if seconds <= 0:
+        return "expired"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m left" if hours else f"{rest // 60}m left"
+
+
+def ensure_session(profile, client, mfa, io, sts_factory=None):
+    """Make sure the service holds a session for *profile* with SESSION_MIN_LEFT; asks for MFA only if not."""
+    from imsa import sts
+
+    held = client.session(profile.fingerprint)
+    if held is not None and parse_time(held["expiration"]) - utcnow() >= SESSION_MIN_LEFT:
+        return False
+    session = sts.new_session(profile, mfa, sts_factory or sts.sts_client)
+    client.put_session(profile.fingerprint, session)
+    io.say(f"imsa: new MFA session for {mask(profile.aws_access_key_id)}, valid until {format_time(session.expiration)}")
+    return True
+
+
+def assume(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None):
+    """Make profile *name* the role every SDK on the machine gets."""
+    from imsa import sts
+
+    io = io or Io()
+    profile = _load_profile(name, io)
+    client = client or Client()
+    client.status()  # fail fast (exit 5) before asking for an MFA code
+    ensure_session(profile, client, sts.MfaSource(profile, mfa_token, prompt), io, sts_factory)
+    result = client.activate(profile.role_spec())
+    what = profile.role_arn or "MFA session credentials"
+    expiration = parse_time(result["expiration"])
+    io.say(f"imsa: {profile.name} active: {what}, until {format_time(expiration)} ({_describe_left(expiration)})")
+    return EXIT_OK
+
+
+def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None):
+    """(profile, Credentials) without touching what IMDS serves; direct STS calls when no service runs."""
+    from imsa import sts
+
+    io = io or Io()
+    profile = _load_profile(name, io)
+    client = client or Client()
+    mfa = sts.MfaSource(profile, mfa_token, prompt)
+    factory = sts_factory or sts.sts_client
+    try:
+        ensure_session(profile, client, mfa, io, factory)
+    except ServiceNotRunning:
+        io.say("imsa: the service is not running, so nothing is cached: MFA is asked every time (start it: imsa start)")
+        session = sts.new_session(profile, mfa, factory)
+        if not profile.role_arn:
+            return profile, session
+        return profile, sts.assume_role(session, profile.role_spec(), factory)
+    return profile, Credentials.from_json(client.credentials(profile.role_spec()))
+
+
+def export_lines(profile, creds, fmt):
+    """The text of ``imsa export`` in *fmt* (sh, fish or json)."""
+    if fmt == "json":
+        return json.dumps(creds.to_process(), indent=2) + "\n"
+    values = dict(creds.to_env())
+    values["IMSA_PROFILE"] = profile.name
+    values["IMSA_PROFILE_EXPIRATION"] = format_time(creds.expiration)
+    if profile.region:
+        values["AWS_REGION"] = profile.region
+        values["AWS_DEFAULT_REGION"] = profile.region
+    if fmt == "fish":
+        lines = [f"set -gx {key} {shlex.quote(value)};" for key, value in values.items()]
+        lines.append("set -e AWS_PROFILE;")
+    else:
+        lines = [f"export {key}={shlex.quote(value)}" for key, value in values.items()]
+        lines.append("unset AWS_PROFILE")
+    return "\n".join(lines) + "\n"
+
+
+def export(name, fmt="sh", mfa_token=None, io=None, client=None, prompt=None, sts_factory=None):
+    """Print exports for profile *name* (the global role stays as it is)."""
+    io = io or Io()
+    profile, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
+    io.data(export_lines(profile, creds, fmt))
+    return EXIT_OK
+
+
+# --- the service ---
+
+
+def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None, debug=False):
+    """Start the service; in the background unless *foreground*, returning once it answers."""
+    from imsa import service
+
+    io = io or Io()
+    listen = listen or service.DEFAULT_LISTEN
+    host, port = service.parse_listen(listen)
+    if foreground:
+        service.configure_logging()
+        return service.run(listen=listen, allow_imdsv1=allow_imdsv1, user=user)
+    uid, gid = service.target_user(user)
+    path = config.service_socket_path(uid)
+    client = Client(path, timeout=2)
+    try:
+        client.status()
+    except ServiceNotRunning:
+        pass
+    else:
+        raise ServiceError(f"imsa is already running (control socket {path}); stop it first: imsa stop")
+    service._prepare_socket_dir(os.path.dirname(path), uid, gid)
+    log_path = os.path.join(os.path.dirname(path), "imsa.log")
+    argv = [sys.executable, "-m", "imsa"] + (["--debug"] if debug else []) + ["start", "--foreground", "--listen", listen]
+    if allow_imdsv1:
+        argv.append("--allow-imdsv1")
+    if user:
+        argv += ["--user", user]
+    env = dict(os.environ, IMSA_CONTROL_SOCKET=path)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    if os.geteuid() == 0:
+        os.fchown(log_fd, uid, gid)
+    try:
+        child = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, env=env, start_new_session=True, close_fds=True
+        )
+    finally:
+        os.close(log_fd)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        code = child.poll()
+        if code is not None:
+            raise ServiceError(f"the service failed to start: {_last_line(log_path)}")
+        try:
+            status = client.status()
+        except ServiceNotRunning:
+            time.sleep(POLL)
+            continue
+        io.say(f"imsa: serving on {status['listen']} (pid {status['pid']}); log: {log_path}")
+        if (host, port) != service.parse_listen(service.DEFAULT_LISTEN):
+            io.data(f"export AWS_EC2_METADATA_SERVICE_ENDPOINT={status['endpoint']}\n")
+        return EXIT_OK
+    child.terminate()
+    raise ServiceError(f"the service did not answer within {START_TIMEOUT:.0f} s; see {log_path}")
+
+
+def _last_line(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines = [line.strip() for line in handle if line.strip()]
+    except OSError:
+        return "no log"
+    for line in reversed(lines):
+        if "error" in line.lower():
+            return line.split(": ", 2)[-1] if line.startswith("imsa[") else line
+    return lines[-1] if lines else "no output"
+
+
+def stop(io=None, client=None):
+    """Stop the service and wait until it is gone."""
+    io = io or Io()
+    client = client or Client()
+    status = client.status()
+    client.stop()
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            client.status()
+        except ServiceNotRunning:
+            io.say(f"imsa: stopped (pid {status['pid']})")
+            return EXIT_OK
+        time.sleep(POLL)
+    raise ServiceError(f"the service (pid {status['pid']}) did not stop within {STOP_TIMEOUT:.0f} s")
+
+
+def shadowing_warnings(environ=None, home=None):
+    """Settings that would make SDKs use other credentials than imsa's, or send IMDS traffic to a proxy."""
+    environ = os.environ if environ is None else environ
+    warnings = []
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        if environ.get(name):
+            warnings.append(f"{name} is set: SDKs in this shell use it before IMDS")
+    if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+        warnings.append("AWS_EC2_METADATA_DISABLED=true: SDKs in this shell never ask IMDS")
+    credentials_file = environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(
+        home or os.path.expanduser("~"), ".aws", "credentials"
+    )
+    if _default_profile_has_keys(credentials_file):
+        warnings.append(f"{credentials_file} has keys in [default]: SDKs use them before IMDS")
+    proxy = environ.get("HTTP_PROXY") or environ.get("http_proxy")
+    no_proxy = (environ.get("NO_PROXY") or environ.get("no_proxy") or "").replace(" ", "").split(",")
+    if proxy and "169.254.169.254" not in no_proxy and "*" not in no_proxy:
+        warnings.append("HTTP_PROXY is set without NO_PROXY=169.254.169.254: IMDS requests would go to the proxy")
+    return warnings
+
+
+def _default_profile_has_keys(path):
+    import configparser
+
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read(path, encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError):
+        return False
+    return parser.has_option("default", "aws_access_key_id")
+
+
+def status(as_json=False, io=None, client=None):
+    """Show what the service serves; exit 0 only while valid credentials are served."""
+    io = io or Io()
+    client = client or Client()
+    data = client.status()
+    active = data.get("active")
+    valid = bool(active and active.get("valid"))
+    warnings = shadowing_warnings()
+    if as_json:
+        data["warnings"] = warnings
+        io.data(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    else:
+        lines = [f"service:    pid {data.get('pid')} on {data.get('listen')} (tokens {'required' if data.get('tokens_required') else 'optional'})"]
+        if active:
+            expiration = parse_time(active["expiration"])
+            lines.append(f"profile:    {active['profile']}")
+            lines.append(f"role:       {active['role_arn'] or 'MFA session credentials'}")
+            lines.append(f"key:        {active['access_key_id']}")
+            lines.append(f"expires:    {active['expiration']} ({_describe_left(expiration)})")
+            if active.get("session_expiration"):
+                session_end = parse_time(active["session_expiration"])
+                lines.append(f"session:    {active['session_expiration']} ({_describe_left(session_end)})")
+            else:
+                lines.append("session:    expired")
+            if active.get("last_error"):
+                lines.append(f"last error: {active['last_error']}")
+        else:
+            lines.append("profile:    none (run: imsa assume PROFILE)")
+        io.data("\n".join(lines) + "\n")
+        for warning in warnings:
+            io.say(f"imsa: warning: {warning}")
+        if active and not valid:
+            io.say(f"imsa: the credentials of {active['profile']} have expired; run: imsa assume {active['profile']}")
+    return EXIT_OK if valid else EXIT_ERROR

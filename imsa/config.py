@@ -1,0 +1,330 @@
+"""~/.imsa: YAML profiles validated once into frozen Profile objects; also where the control socket lives."""
+
+import difflib
+import getpass
+import hashlib
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+
+from imsa.errors import ConfigError
+
+DEFAULT_ROLE_DURATION = 3600
+# STS caps a role assumed with session credentials at one hour ("role chaining").
+MAX_ROLE_DURATION = 3600
+MIN_DURATION = 900
+DEFAULT_SESSION_DURATION = 12 * 3600
+MAX_SESSION_DURATION = 36 * 3600
+
+STRING_KEYS = (
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "mfa_serial_number",
+    "role_arn",
+    "role_session_name",
+    "region",
+    "external_id",
+    "mfa_process",
+    "extends",
+)
+INT_KEYS = ("duration_seconds", "session_duration_seconds")
+KNOWN_KEYS = STRING_KEYS + INT_KEYS
+
+# The constraints STS itself applies (botocore's STS model), checked here so the user hears of them first.
+PATTERNS = {
+    "aws_access_key_id": (re.compile(r"^[A-Z0-9]{16,128}$"), "16-128 capital letters and digits"),
+    "role_arn": (
+        re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$"),
+        "an IAM role ARN like arn:aws:iam::123456789012:role/NAME",
+    ),
+    "role_session_name": (re.compile(r"^[\w+=,.@-]{2,64}$"), "2-64 characters from letters, digits and _+=,.@-"),
+    "mfa_serial_number": (
+        re.compile(r"^[\w+=/:,.@-]{9,256}$"),
+        "an MFA device ARN or hardware serial (9-256 characters)",
+    ),
+    "external_id": (re.compile(r"^[\w+=,.@:/-]{2,1224}$"), "2-1224 characters from letters, digits and _+=,.@:/-"),
+    "region": (re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$"), "a region name like us-east-1"),
+}
+RANGES = {
+    "duration_seconds": (MIN_DURATION, MAX_ROLE_DURATION),
+    "session_duration_seconds": (MIN_DURATION, MAX_SESSION_DURATION),
+}
+
+
+def config_path():
+    """The profile file: ``$IMSA_CONFIG`` or ``~/.imsa``."""
+    return os.environ.get("IMSA_CONFIG") or os.path.join(os.path.expanduser("~"), ".imsa")
+
+
+def default_session_name():
+    """``imsa-<user>``, cut to the characters and length STS accepts."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    name = "imsa-" + re.sub(r"[^\w+=,.@-]", "-", user)
+    return name[:64]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One resolved profile (``extends`` applied); repr hides the secret."""
+
+    name: str
+    aws_access_key_id: str = None
+    aws_secret_access_key: str = field(default=None, repr=False)
+    mfa_serial_number: str = None
+    role_arn: str = None
+    role_session_name: str = None
+    region: str = None
+    external_id: str = None
+    mfa_process: str = None
+    duration_seconds: int = DEFAULT_ROLE_DURATION
+    session_duration_seconds: int = DEFAULT_SESSION_DURATION
+    source: str = ""
+
+    @property
+    def fingerprint(self):
+        """Names the MFA session this profile uses: a hash of key id and MFA serial, never of the secret."""
+        text = f"{self.aws_access_key_id}\0{self.mfa_serial_number or ''}"
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    @property
+    def session_name(self):
+        """The RoleSessionName sent to STS."""
+        return self.role_session_name or default_session_name()
+
+    def role_spec(self):
+        """What the service needs to assume this profile's role: no long-term secret in it."""
+        return {
+            "profile": self.name,
+            "fingerprint": self.fingerprint,
+            "role_arn": self.role_arn,
+            "role_session_name": self.session_name,
+            "duration_seconds": self.duration_seconds,
+            "external_id": self.external_id,
+            "region": self.region,
+        }
+
+
+class Config:
+    """All profiles of one file, validated."""
+
+    def __init__(self, path, raw, lines):
+        self.path = path
+        self._raw = raw
+        self._lines = lines
+        self.names = sorted(raw)
+
+    def _where(self, profile, key=None):
+        line = self._lines.get((profile, key)) or self._lines.get((profile, None))
+        where = f"{self.path}"
+        if line:
+            where += f":{line}"
+        where += f": profile {profile!r}"
+        if key:
+            where += f", key {key!r}"
+        return where
+
+    def get(self, name):
+        """The resolved profile *name*; ConfigError if unknown or incomplete."""
+        if name not in self._raw:
+            hint = difflib.get_close_matches(name, self.names, n=1)
+            suffix = f" (did you mean {hint[0]!r}?)" if hint else f" (profiles: {', '.join(self.names) or 'none'})"
+            raise ConfigError(f"{self.path}: no profile {name!r}{suffix}")
+        merged = {}
+        for ancestor in reversed(self._chain(name)):
+            merged.update({k: v for k, v in self._raw[ancestor].items() if k != "extends"})
+        for key in ("aws_access_key_id", "aws_secret_access_key"):
+            if not merged.get(key):
+                raise ConfigError(f"{self._where(name)}: missing {key!r} (set it here or in a profile it extends)")
+        return Profile(name=name, source=self.path, **merged)
+
+    def _chain(self, name):
+        chain = [name]
+        while "extends" in self._raw[chain[-1]]:
+            chain.append(self._raw[chain[-1]]["extends"])
+        return chain
+
+
+def _line_numbers(text):
+    """Map (profile, key) and (profile, None) to 1-based line numbers, for error messages."""
+    import yaml
+
+    lines = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if not isinstance(root, yaml.MappingNode):
+        return lines
+    for key_node, value_node in root.value:
+        profile = key_node.value
+        lines[(profile, None)] = key_node.start_mark.line + 1
+        if isinstance(value_node, yaml.MappingNode):
+            for sub_key, _ in value_node.value:
+                lines[(profile, sub_key.value)] = sub_key.start_mark.line + 1
+    return lines
+
+
+def _check_value(key, value):
+    """The problem with one key's value, or None."""
+    if key in INT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be a whole number of seconds, not {type(value).__name__} {value!r}"
+        low, high = RANGES[key]
+        if not low <= value <= high:
+            why = " (STS caps roles assumed from an MFA session at one hour)" if key == "duration_seconds" else ""
+            return f"must be between {low} and {high}, not {value}{why}"
+        return None
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__} {value!r}"
+    if not value.strip():
+        return "must not be empty"
+    if key in PATTERNS:
+        pattern, description = PATTERNS[key]
+        if not pattern.match(value):
+            shown = value if key != "aws_access_key_id" else value[:4] + "..."
+            return f"{shown!r} is not {description}"
+    return None
+
+
+def load(path=None, warn=None):
+    """Read and validate the whole file; ConfigError names file, line, profile and key of the first problem."""
+    import yaml
+
+    path = path or config_path()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+            mode = os.fstat(handle.fileno()).st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; create it with your profiles (see README, Configuration)") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if warn and stat.S_IMODE(mode) & 0o077:
+        warn(f"warning: {path} holds long-term keys and is readable by others; run: chmod 600 {path}")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of profile names to settings, not {type(raw).__name__}")
+    config = Config(path, {}, _line_numbers(text))
+    problems = []
+    for name, settings in raw.items():
+        if not isinstance(name, str):
+            problems.append(f"{path}: profile name {name!r} must be a string")
+            continue
+        if not isinstance(settings, dict):
+            problems.append(f"{config._where(name)}: must be a mapping of keys to values")
+            continue
+        for key, value in settings.items():
+            if key not in KNOWN_KEYS:
+                hint = difflib.get_close_matches(str(key), KNOWN_KEYS, n=1)
+                suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
+                problems.append(f"{config._where(name, key)}: unknown key{suffix}")
+                continue
+            problem = _check_value(key, value)
+            if problem:
+                problems.append(f"{config._where(name, key)}: {problem}")
+    if not problems:
+        for name, settings in raw.items():
+            parent = settings.get("extends")
+            if parent is not None and parent not in raw:
+                problems.append(f"{config._where(name, 'extends')}: extends unknown profile {parent!r}")
+        if not problems:
+            problems.extend(_cycles(config, raw))
+    if problems:
+        more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        raise ConfigError(problems[0] + more)
+    config._raw = raw
+    config.names = sorted(raw)
+    return config
+
+
+def _cycles(config, raw):
+    """One problem line per profile whose ``extends`` chain loops."""
+    problems = []
+    reported = set()
+    for start in raw:
+        seen = [start]
+        current = start
+        while "extends" in raw[current]:
+            current = raw[current]["extends"]
+            if current in seen:
+                loop = seen[seen.index(current):] + [current]
+                key = frozenset(loop)
+                if key not in reported:
+                    reported.add(key)
+                    problems.append(f"{config._where(start, 'extends')}: extends cycle {' -> '.join(loop)}")
+                break
+            seen.append(current)
+    return problems
+
+
+def profile_names(path=None):
+    """Profile names for shell completion: a cheap parse, never an error."""
+    try:
+        import yaml
+
+        with open(path or config_path(), encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except Exception:  # completion must never fail loudly
+        return []
+    return sorted(name for name in raw if isinstance(name, str)) if isinstance(raw, dict) else []
+
+
+# --- where the control socket lives (the CLI and the service use the same lookup) ---
+
+SOCKET_NAME = "control.sock"
+
+
+def control_socket_candidates(uid=None):
+    """Where a service of *uid* may have put its control socket, most specific first."""
+    explicit = os.environ.get("IMSA_CONTROL_SOCKET")
+    if explicit:
+        return [explicit]
+    uid = os.getuid() if uid is None else uid
+    candidates = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.getuid() == uid:
+        candidates.append(os.path.join(runtime, "imsa", SOCKET_NAME))
+    for path in (f"/run/user/{uid}/imsa/{SOCKET_NAME}", f"/run/imsa/{SOCKET_NAME}", f"/tmp/imsa-{uid}/{SOCKET_NAME}"):
+        if path not in candidates:
+            candidates.append(path)
+    return candidates
+
+
+def control_socket_path(uid=None):
+    """The socket a client should use: the first candidate that exists, else where a new service would put it."""
+    candidates = control_socket_candidates(uid)
+    for path in candidates:
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return path
+        except OSError:
+            continue
+    return service_socket_path(uid)
+
+
+def service_socket_path(uid=None):
+    """Where a service for *uid* puts its socket: ``$IMSA_CONTROL_SOCKET``, the runtime dir, else /tmp/imsa-UID."""
+    explicit = os.environ.get("IMSA_CONTROL_SOCKET")
+    if explicit:
+        return explicit
+    uid = os.getuid() if uid is None else uid
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.getuid() == uid and os.path.isdir(runtime):
+        return os.path.join(runtime, "imsa", SOCKET_NAME)
+    if os.path.isdir(f"/run/user/{uid}"):
+        return f"/run/user/{uid}/imsa/{SOCKET_NAME}"
+    return f"/tmp/imsa-{uid}/{SOCKET_NAME}"

@@ -1,0 +1,118 @@
+"""The control plane: a Flask app served only on the owner's Unix socket (never on the TCP listener).
+
+The service puts the peer's uid (SO_PEERCRED) into the WSGI environ as ``imsa.peer_uid``; only the owner and root
+pass. State changes are POST with a JSON body.
+"""
+
+import logging
+
+from flask import Flask, jsonify, request
+
+from imsa.credentials import Credentials, format_time
+from imsa.errors import StsError
+from imsa.store import RoleSpec, SpecError
+
+log = logging.getLogger(__name__)
+
+PEER_UID = "imsa.peer_uid"
+
+
+class BadRequest(Exception):
+    """A control request that cannot be acted on."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def create_app(store, owner_uid, info, on_stop):
+    """The control Flask app; *info* is a dict merged into status, *on_stop* ends the service."""
+    app = Flask("imsa.control")
+
+    @app.before_request
+    def owner_only():
+        uid = request.environ.get(PEER_UID)
+        if uid is None or uid not in (owner_uid, 0):
+            log.warning("control socket: refused uid %s (pid %s)", uid, request.environ.get("imsa.peer_pid"))
+            return jsonify(error="only the service's owner may use the control socket"), 403
+        return None
+
+    def body():
+        if request.mimetype != "application/json":
+            raise BadRequest("Content-Type must be application/json", 415)
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise BadRequest("the body must be a JSON object")
+        return data
+
+    def spec_from(data):
+        try:
+            return RoleSpec.from_json(data)
+        except SpecError as error:
+            raise BadRequest(str(error)) from None
+
+    @app.errorhandler(BadRequest)
+    def bad_request(error):
+        return jsonify(error=error.message), error.status
+
+    @app.errorhandler(StsError)
+    def sts_failed(error):
+        return jsonify(error=error.message, kind="sts"), 502
+
+    @app.errorhandler(404)
+    def not_found(_error):
+        return jsonify(error="no such route"), 404
+
+    @app.errorhandler(405)
+    def not_allowed(_error):
+        return jsonify(error="method not allowed"), 405
+
+    @app.errorhandler(Exception)
+    def failure(error):
+        if hasattr(error, "code") and isinstance(error.code, int):
+            return jsonify(error=str(error)), error.code
+        log.exception("control request failed")
+        return jsonify(error="internal error; see the service log"), 500
+
+    @app.get("/status")
+    def status():
+        data = store.status()
+        data.update(info)
+        return jsonify(data)
+
+    @app.get("/sessions/<fingerprint>")
+    def session(fingerprint):
+        creds = store.session(fingerprint)
+        if creds is None:
+            return jsonify(error="no valid session"), 404
+        return jsonify(fingerprint=fingerprint, expiration=format_time(creds.expiration))
+
+    @app.post("/sessions")
+    def put_session():
+        data = body()
+        try:
+            creds = Credentials.from_json(data.get("credentials"))
+            store.put_session(data.get("fingerprint"), creds)
+        except ValueError as error:
+            raise BadRequest(str(error)) from None
+        return jsonify(fingerprint=data["fingerprint"], expiration=format_time(creds.expiration))
+
+    @app.post("/activate")
+    def activate():
+        spec = spec_from(body())
+        creds = store.activate(spec)
+        return jsonify(profile=spec.profile, role_arn=spec.role_arn, expiration=format_time(creds.expiration))
+
+    @app.post("/credentials")
+    def credentials():
+        spec = spec_from(body())
+        return jsonify(store.credentials_for(spec).to_json())
+
+    @app.post("/stop")
+    def stop():
+        body()
+        on_stop()
+        return jsonify(stopping=True)
+
+    return app

@@ -1,0 +1,269 @@
+"""The IMDS data plane: a Flask app that answers like EC2's instance metadata service (PROTOCOL.md §1).
+
+Never imports boto3: it reads a snapshot of the store and nothing else, so every answer comes from memory.
+"""
+
+import collections
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+
+from flask import Flask, Response, request
+
+from imsa.credentials import format_time, utcnow
+
+log = logging.getLogger(__name__)
+
+TOKEN_HEADER = "X-aws-ec2-metadata-token"
+TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+MAX_TTL = 21600
+# The token table is bounded: at this size expired tokens are dropped, then the oldest (its client re-PUTs).
+MAX_TOKENS = 10000
+_TOKEN_ID_LEN = 16
+_TTL_VALUE = re.compile(r"^[0-9]{1,5}$")
+
+CREDENTIALS_PATH = "/latest/meta-data/iam/security-credentials"
+
+
+class TokenTable:
+    """IMDSv2 session tokens: random, expiring with their TTL, checked in constant time, bounded in number."""
+
+    def __init__(self, clock=time.monotonic, limit=MAX_TOKENS):
+        self._clock = clock
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._tokens = collections.OrderedDict()
+
+    def issue(self, ttl):
+        """A new token valid for *ttl* seconds."""
+        token_id = secrets.token_urlsafe(12)
+        secret = secrets.token_urlsafe(32)
+        digest = hashlib.sha256(secret.encode()).digest()
+        now = self._clock()
+        with self._lock:
+            if len(self._tokens) >= self._limit:
+                for key in [k for k, (_, expiry) in self._tokens.items() if expiry <= now]:
+                    del self._tokens[key]
+                while len(self._tokens) >= self._limit:
+                    self._tokens.popitem(last=False)
+            self._tokens[token_id] = (digest, now + ttl)
+        return token_id + secret
+
+    def valid(self, token):
+        """True for an issued token that has not expired."""
+        if not token or len(token) <= _TOKEN_ID_LEN:
+            return False
+        with self._lock:
+            entry = self._tokens.get(token[:_TOKEN_ID_LEN])
+        if entry is None:
+            return False
+        digest, expiry = entry
+        candidate = hashlib.sha256(token[_TOKEN_ID_LEN:].encode("utf-8", "surrogateescape")).digest()
+        return hmac.compare_digest(candidate, digest) and self._clock() < expiry
+
+    def __len__(self):
+        with self._lock:
+            return len(self._tokens)
+
+
+def _text(body, status=200, **headers):
+    return Response(body, status=status, mimetype="text/plain", headers=headers)
+
+
+class _CollapseSlashes:
+    """Serve ``//latest/...`` as ``/latest/...``: JS SDK v2 and Java build it when the endpoint ends in '/'."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path.startswith("//"):
+            environ["PATH_INFO"] = "/" + path.lstrip("/")
+        return self.app(environ, start_response)
+
+
+def allowed_hosts(host, port):
+    """The Host header values a request may carry: the listen address, with or without its port."""
+    shown = f"[{host}]" if ":" in host else host
+    hosts = {f"{shown}:{port}".lower()}
+    if port == 80:
+        hosts.add(shown.lower())
+    return hosts
+
+
+def create_app(served, host, port, require_token=True, tokens=None, instance_id=None, clock=utcnow):
+    """The IMDS Flask app for a service listening on *host*:*port*; *served* returns the store's snapshot."""
+    app = Flask("imsa.imds")
+    app.wsgi_app = _CollapseSlashes(app.wsgi_app)
+    tokens = tokens if tokens is not None else TokenTable()
+    hosts = allowed_hosts(host, port)
+    listen_ip = ipaddress.ip_address(host) if _is_ip(host) else None
+    instance_id = instance_id or "i-" + secrets.token_hex(8)[:17]
+    app.config["imsa.tokens"] = tokens
+
+    def refuse(status, rule):
+        log.info("refused %s %s from %s: %s", request.method, request.path, request.remote_addr, rule)
+        return _text(f"{status} - {rule}\n", status)
+
+    @app.before_request
+    def guards():
+        # Peer filter: only this machine. A local client reaches 169.254.169.254 *from* that address; anything
+        # else (a container on a bridge, another host routed here) must never get the owner's credentials.
+        peer = request.environ.get("REMOTE_ADDR", "")
+        try:
+            peer_ip = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return refuse(403, "peer address not allowed")
+        if getattr(peer_ip, "ipv4_mapped", None):
+            peer_ip = peer_ip.ipv4_mapped
+        if not (peer_ip.is_loopback or peer_ip == listen_ip):
+            return refuse(403, "peer address not allowed")
+        # Host pin: DNS rebinding makes a browser send a page's own name (or another address) as Host.
+        if request.environ.get("HTTP_HOST", "").lower() not in hosts:
+            return refuse(403, "Host header not allowed")
+        # Browsers add Origin/Referer; SDKs never do. Refusing them stops cross-site requests outright.
+        if "HTTP_ORIGIN" in request.environ or "HTTP_REFERER" in request.environ:
+            return refuse(403, "browser requests not allowed")
+        if request.method == "PUT" or request.path == "/latest/api/token":
+            return None
+        token = request.headers.get(TOKEN_HEADER)
+        if token is not None:
+            if not tokens.valid(token):
+                return refuse(401, "invalid or expired token")
+        elif require_token:
+            return refuse(401, "token required (IMDSv2)")
+        return None
+
+    @app.route("/latest/api/token", methods=["PUT"])
+    def token():
+        # Real IMDS refuses token requests that went through a proxy or forwarder (SSRF through a local proxy).
+        if "X-Forwarded-For" in request.headers:
+            return refuse(403, "X-Forwarded-For not allowed on token requests")
+        ttl = request.headers.get(TTL_HEADER, "")
+        if not _TTL_VALUE.match(ttl) or not 1 <= int(ttl) <= MAX_TTL:
+            return refuse(400, f"{TTL_HEADER} must be a whole number from 1 to {MAX_TTL}")
+        # Go SDK v2 reads the granted TTL back from this header; without it the token is not used.
+        return _text(tokens.issue(int(ttl)), **{TTL_HEADER: ttl})
+
+    @app.route("/<version>/api/token", methods=["PUT"])
+    def versioned_token(version):
+        return refuse(403, "token requests must use /latest/")
+
+    @app.route("/latest/meta-data/")
+    @app.route("/latest/meta-data")
+    def meta_data():
+        return _text("iam/\ninstance-id\nplacement/")
+
+    @app.route("/latest/meta-data/iam/")
+    @app.route("/latest/meta-data/iam")
+    def iam():
+        return _text("info\nsecurity-credentials/")
+
+    @app.route(CREDENTIALS_PATH + "/")
+    @app.route(CREDENTIALS_PATH)
+    def role_list():
+        snapshot = served()
+        if snapshot is None:
+            return _text("No role assumed; run: imsa assume PROFILE\n", 404)
+        return _text(snapshot.spec.role_name)
+
+    @app.route(CREDENTIALS_PATH + "/<role>")
+    def role_credentials(role):
+        snapshot = served()
+        if snapshot is None or role != snapshot.spec.role_name:
+            return _text("Not Found\n", 404)
+        creds = snapshot.credentials
+        if creds.expired(clock()):
+            body = {
+                "Code": "CredentialsExpired",
+                "LastUpdated": format_time(clock()),
+                "Message": f"imsa: the credentials of profile {snapshot.spec.profile} expired at "
+                f"{format_time(creds.expiration)}; run: imsa assume {snapshot.spec.profile}",
+            }
+            return _text(json.dumps(body, indent=2))
+        return _text(json.dumps(creds.to_imds(), indent=2))
+
+    @app.route("/latest/meta-data/iam/info")
+    def iam_info():
+        snapshot = served()
+        if snapshot is None or snapshot.credentials.expired(clock()):
+            return _text("Not Found\n", 404)
+        account = snapshot.spec.account_id or "000000000000"
+        body = {
+            "Code": "Success",
+            "LastUpdated": format_time(snapshot.credentials.issued or clock()),
+            "InstanceProfileArn": f"arn:aws:iam::{account}:instance-profile/{snapshot.spec.role_name}",
+            "InstanceProfileId": "AIPA" + hashlib.sha256(snapshot.spec.role_name.encode()).hexdigest()[:17].upper(),
+        }
+        return _text(json.dumps(body, indent=2))
+
+    @app.route("/latest/meta-data/instance-id")
+    def instance():
+        return _text(instance_id)
+
+    def region():
+        snapshot = served()
+        return snapshot.spec.region if snapshot else None
+
+    @app.route("/latest/meta-data/placement/region")
+    def placement_region():
+        name = region()
+        return _text(name) if name else _text("Not Found\n", 404)
+
+    @app.route("/latest/meta-data/placement/availability-zone/")
+    @app.route("/latest/meta-data/placement/availability-zone")
+    def availability_zone():
+        # botocore drops the last character of the zone to get the region, so the zone must be <region>a.
+        name = region()
+        return _text(name + "a") if name else _text("Not Found\n", 404)
+
+    @app.route("/latest/dynamic/instance-identity/document")
+    def identity_document():
+        snapshot = served()
+        if snapshot is None or not snapshot.spec.region:
+            return _text("Not Found\n", 404)
+        body = {
+            "accountId": snapshot.spec.account_id or "000000000000",
+            "architecture": "x86_64",
+            "availabilityZone": snapshot.spec.region + "a",
+            "imageId": "ami-00000000000000000",
+            "instanceId": instance_id,
+            "instanceType": "t3.micro",
+            "pendingTime": format_time(snapshot.credentials.issued or clock()),
+            "privateIp": "127.0.0.1",
+            "region": snapshot.spec.region,
+            "version": "2017-09-30",
+        }
+        return _text(json.dumps(body, indent=2))
+
+    @app.errorhandler(404)
+    def not_found(_error):
+        return _text("Not Found\n", 404)
+
+    @app.errorhandler(405)
+    def not_allowed(_error):
+        return _text("Method Not Allowed\n", 405)
+
+    @app.errorhandler(Exception)
+    def failure(error):
+        if hasattr(error, "code") and isinstance(error.code, int):
+            return _text(f"{error.code}\n", error.code)
+        log.exception("IMDS request failed")
+        return _text("Internal Server Error\n", 500)
+
+    return app
+
+
+def _is_ip(host):
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

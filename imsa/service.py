@@ -1,0 +1,424 @@
+"""The service process: sockets, the 169.254.169.254 alias, privilege drop, waitress, signals, logging.
+
+Root is used for two acts only — adding the address to ``lo`` and binding port 80 — and is dropped (groups, gid,
+uid, checked) before any request is read.
+"""
+
+import errno
+import ipaddress
+import logging
+import os
+import pwd
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+
+from imsa import config
+from imsa.errors import ServiceError, UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "169.254.169.254:80"
+IMDS_THREADS = 8
+CONTROL_THREADS = 2
+# A client that sends nothing for this long is dropped; waitress buffers requests, so slow clients cost no thread.
+CHANNEL_TIMEOUT = 30
+STOP_DELAY = 0.2
+# The systemd unit hands the listening socket over as fd 3 (socket activation).
+SD_LISTEN_FDS_START = 3
+
+
+def parse_listen(text):
+    """``HOST:PORT`` (``[V6]:PORT`` for IPv6) into (host, port); the host must be an IP address."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"--listen must be HOST:PORT, not {text!r}")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError(f"--listen needs an IP address, not {host!r}") from None
+    return host, int(port)
+
+
+def endpoint_url(host, port):
+    """The AWS_EC2_METADATA_SERVICE_ENDPOINT value for a listen address (trailing slash: AWS CLI v2 needs it)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"
+
+
+# --- the control socket ---
+
+
+def _socket_answers(path):
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _prepare_socket_dir(directory, uid, gid):
+    """Create the socket's directory 0700 for *uid*, or check that an existing one is safe to use."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=False)
+        if os.geteuid() == 0:
+            os.chown(directory, uid, gid)
+        return
+    except FileExistsError:
+        pass
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise ServiceError(f"{directory} exists and is not a directory")
+    if info.st_uid != uid:
+        raise ServiceError(f"{directory} belongs to uid {info.st_uid}, not {uid}; refusing to put the control socket there")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(directory, 0o700)
+
+
+def bind_control_socket(path, uid, gid):
+    """A listening Unix socket at *path*, 0600, owned by *uid*; a stale socket is replaced, a live one refused."""
+    _prepare_socket_dir(os.path.dirname(path) or ".", uid, gid)
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ServiceError(f"{path} exists and is not a socket")
+        if _socket_answers(path):
+            raise ServiceError(f"imsa is already running (control socket {path})")
+        log.info("removing stale control socket %s", path)
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    if os.geteuid() == 0:
+        os.chown(path, uid, gid)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+def peer_credentials(sock):
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)
+
+
+def _peer_cred_channel():
+    """A waitress channel class that records SO_PEERCRED and puts it in every request's environ."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import WSGITask
+
+    class PeerCredTask(WSGITask):
+        def get_environment(self):
+            environ = super().get_environment()
+            environ["imsa.peer_uid"] = self.channel.peer_uid
+            environ["imsa.peer_pid"] = self.channel.peer_pid
+            return environ
+
+    class PeerCredChannel(HTTPChannel):
+        task_class = PeerCredTask
+
+        def __init__(self, server, sock, addr, adj, map=None):
+            try:
+                self.peer_pid, self.peer_uid, _ = peer_credentials(sock)
+            except OSError:
+                self.peer_pid, self.peer_uid = None, None
+            super().__init__(server, sock, addr, adj, map)
+
+    return PeerCredChannel
+
+
+# --- the IMDS socket, the alias and privileges ---
+
+
+def bind_tcp(host, port):
+    """A listening TCP socket on host:port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except PermissionError:
+        sock.close()
+        raise ServiceError(
+            f"cannot bind {host}:{port}: permission denied; run 'sudo imsa start' or use --listen 127.0.0.1:PORT"
+        ) from None
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise ServiceError(
+                f"cannot bind {host}:{port}: the address is not on this machine (run 'sudo imsa start' to add it to lo)"
+            ) from None
+        if error.errno == errno.EADDRINUSE:
+            raise ServiceError(f"cannot bind {host}:{port}: already in use") from None
+        raise ServiceError(f"cannot bind {host}:{port}: {error.strerror}") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def inherited_socket():
+    """The listening socket systemd passed (LISTEN_FDS), or None."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    sock.setblocking(False)
+    return sock
+
+
+def address_is_local(host):
+    """True when *host* is already assigned to an interface in this network namespace."""
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.bind((host, 0))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def add_alias(host):
+    """Add *host*/32 to lo (root only); True when this call added it."""
+    if address_is_local(host):
+        return False
+    prefix = "128" if ":" in host else "32"
+    done = subprocess.run(["ip", "address", "add", f"{host}/{prefix}", "dev", "lo"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ServiceError(f"cannot add {host}/{prefix} to lo: {done.stderr.strip()}")
+    log.info("added %s/%s to lo", host, prefix)
+    return True
+
+
+def remove_alias(host):
+    """Remove *host* from lo (needs root or CAP_NET_ADMIN); failures are logged, not raised."""
+    prefix = "128" if ":" in host else "32"
+    done = subprocess.run(["ip", "address", "del", f"{host}/{prefix}", "dev", "lo"], capture_output=True, text=True)
+    if done.returncode != 0:
+        log.warning("could not remove %s/%s from lo: %s", host, prefix, done.stderr.strip())
+        return False
+    log.info("removed %s/%s from lo", host, prefix)
+    return True
+
+
+def drop_privileges(uid, gid):
+    """Become *uid*/*gid* for good (groups, gid, uid, in that order) and check nothing of root is left."""
+    user = pwd.getpwuid(uid).pw_name if _has_user(uid) else None
+    if user:
+        os.initgroups(user, gid)
+    else:
+        os.setgroups([gid])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if 0 in os.getresuid() or (gid != 0 and 0 in os.getresgid()):
+        raise ServiceError("failed to drop root privileges")
+    try:
+        os.setresuid(0, 0, 0)
+    except PermissionError:
+        pass
+    else:
+        raise ServiceError("root privileges could be regained after dropping them")
+    os.environ["HOME"] = pwd.getpwuid(uid).pw_dir if user else os.environ.get("HOME", "/")
+
+
+def _has_user(uid):
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+def target_user(user=None):
+    """(uid, gid) the service serves: --user NAME, else SUDO_UID/SUDO_GID, else the caller; never root."""
+    if user:
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise UsageError(f"no such user {user!r}") from None
+        uid, gid = entry.pw_uid, entry.pw_gid
+    elif os.geteuid() == 0 and os.environ.get("SUDO_UID"):
+        uid = int(os.environ["SUDO_UID"])
+        gid = int(os.environ.get("SUDO_GID") or pwd.getpwuid(uid).pw_gid)
+    else:
+        uid, gid = os.geteuid(), os.getegid()
+    if uid == 0:
+        raise UsageError(
+            "refusing to serve credentials as root; run 'sudo imsa start' from your own account or pass --user NAME"
+        )
+    return uid, gid
+
+
+# --- running ---
+
+
+def configure_logging(level=logging.INFO):
+    """Log to stderr (the journal under systemd), never a secret."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("imsa[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("waitress").setLevel(logging.WARNING)
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+
+
+def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, store=None, ready=None):
+    """Serve until SIGTERM/SIGINT or a control-plane stop; returns the exit status."""
+    from imsa import control, imds
+    from imsa.store import Store
+
+    host, port = parse_listen(listen)
+    uid, gid = target_user(user)
+    is_root = os.geteuid() == 0
+    if not is_root and os.geteuid() != uid:
+        raise UsageError("only root can start the service for another user")
+    tcp = inherited_socket()
+    added_alias = False
+    if tcp is None:
+        if is_root and not ipaddress.ip_address(host).is_loopback:
+            added_alias = add_alias(host)
+        try:
+            tcp = bind_tcp(host, port)
+        except ServiceError:
+            if added_alias:
+                remove_alias(host)
+            raise
+    host, port = tcp.getsockname()[:2]
+    path = socket_path or config.service_socket_path(uid)
+    try:
+        unix = bind_control_socket(path, uid, gid)
+    except (ServiceError, OSError) as error:
+        tcp.close()
+        if added_alias:
+            remove_alias(host)
+        raise ServiceError(f"control socket {path}: {error}") from None
+    try:
+        from waitress import wasyncore
+        from waitress.server import create_server
+
+        from imsa import sts
+
+        # Everything is imported and the STS model loaded while the files are surely readable.
+        sts.preload()
+        if is_root:
+            if added_alias and _stay_to_remove_alias(host, (tcp, unix)):
+                return 0
+            drop_privileges(uid, gid)
+        if 0 in os.getresuid():
+            raise ServiceError("refusing to serve as root")
+    except BaseException:
+        tcp.close()
+        unix.close()
+        _unlink(path)
+        if added_alias and os.geteuid() == 0:
+            remove_alias(host)
+        raise
+
+    store = store or Store()
+    info = {
+        "pid": os.getpid(),
+        "listen": f"{host}:{port}",
+        "endpoint": endpoint_url(host, port),
+        "tokens_required": not allow_imdsv1,
+        "alias_added": added_alias,
+        "control_socket": path,
+    }
+
+    def stop_soon():
+        threading.Timer(STOP_DELAY, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    imds_app = imds.create_app(store.served, host, port, require_token=not allow_imdsv1)
+    control_app = control.create_app(store, uid, info, stop_soon)
+    shared_map = {}
+    common = dict(map=shared_map, ident="imsa", channel_timeout=CHANNEL_TIMEOUT, asyncore_use_poll=True)
+    imds_server = create_server(
+        imds_app, sockets=[tcp], threads=IMDS_THREADS, max_request_header_size=16384,
+        max_request_body_size=65536, **common,
+    )
+    control_server = create_server(
+        control_app, sockets=[unix], threads=CONTROL_THREADS, max_request_header_size=16384,
+        max_request_body_size=1 << 20, **common,
+    )
+    control_server.channel_class = _peer_cred_channel()
+
+    def on_signal(signum, _frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    store.start()
+    log.info(
+        "serving IMDS on %s:%d (tokens %s) for uid %d; control socket %s",
+        host, port, "optional" if allow_imdsv1 else "required", uid, path,
+    )
+    if ready is not None:
+        ready(info)
+    try:
+        wasyncore.loop(timeout=1, map=shared_map, use_poll=True)
+    except SystemExit:
+        pass
+    finally:
+        log.info("stopping")
+        store.stop()
+        for server in (imds_server, control_server):
+            server.task_dispatcher.shutdown(timeout=2)
+            server.close()
+        _unlink(path)
+        if added_alias and os.geteuid() == 0:
+            remove_alias(host)
+    return 0
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _stay_to_remove_alias(host, sockets):
+    """Fork: the child drops root and serves; this root process only waits for it, then removes the alias.
+
+    Returns True in the waiting parent (after the alias is gone), False in the child that goes on to serve.
+    """
+    child = os.fork()
+    if child == 0:
+        return False
+    for sock in sockets:
+        sock.close()
+
+    def forward(signum, _frame):
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except ChildProcessError:
+            status = 0
+            break
+        except InterruptedError:
+            continue
+    remove_alias(host)
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
+        raise SystemExit(os.WEXITSTATUS(status))
+    return True

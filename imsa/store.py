@@ -1,0 +1,362 @@
+"""Sessions and role credentials in memory: atomic swaps, and the refresher thread that rotates them.
+
+Nothing here runs on an IMDS request: readers take ``served()``, one attribute read, and never wait for STS.
+"""
+
+import datetime
+import logging
+import threading
+from dataclasses import dataclass
+
+from imsa.config import MAX_ROLE_DURATION, MIN_DURATION, PATTERNS
+from imsa.credentials import Credentials, format_time, mask, utcnow
+from imsa.errors import StsError
+
+log = logging.getLogger(__name__)
+
+# Rotate role credentials when this little is left, so that what IMDS serves keeps >= 25 min: below 15 min
+# botocore refetches on every call, below ~25 min it stretches the expiry past the real one (PROTOCOL.md §1.6).
+ROTATE_BEFORE = datetime.timedelta(minutes=30)
+RETRY_FIRST = datetime.timedelta(seconds=5)
+RETRY_MAX = datetime.timedelta(minutes=5)
+# An idle refresher still wakes this often, to drop expired sessions; no busy loop.
+IDLE_WAKE = datetime.timedelta(hours=1)
+
+
+class SpecError(ValueError):
+    """A role spec sent to the control plane is malformed."""
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """What the service needs to make one profile's credentials; hashable, so it keys the role cache."""
+
+    profile: str
+    fingerprint: str
+    role_arn: str = None
+    role_session_name: str = "imsa"
+    duration_seconds: int = MAX_ROLE_DURATION
+    external_id: str = None
+    region: str = None
+
+    @classmethod
+    def from_json(cls, data):
+        """Validate a control-plane body; SpecError names the first bad field."""
+        if not isinstance(data, dict):
+            raise SpecError("the body must be a JSON object")
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SpecError(f"unknown field {sorted(unknown)[0]!r}")
+        profile = data.get("profile")
+        if not isinstance(profile, str) or not 0 < len(profile) <= 128 or "/" in profile:
+            raise SpecError("'profile' must be a name of 1-128 characters without '/'")
+        fingerprint = data.get("fingerprint")
+        if not _is_fingerprint(fingerprint):
+            raise SpecError("'fingerprint' must be 32 hex characters")
+        duration = data.get("duration_seconds", MAX_ROLE_DURATION)
+        if isinstance(duration, bool) or not isinstance(duration, int) or not MIN_DURATION <= duration <= MAX_ROLE_DURATION:
+            raise SpecError(f"'duration_seconds' must be a whole number from {MIN_DURATION} to {MAX_ROLE_DURATION}")
+        fields = {}
+        for name in ("role_arn", "role_session_name", "external_id", "region"):
+            value = data.get(name)
+            if value is None:
+                continue
+            pattern, description = PATTERNS[name]
+            if not isinstance(value, str) or not pattern.match(value):
+                raise SpecError(f"{name!r} must be {description}")
+            fields[name] = value
+        return cls(profile=profile, fingerprint=fingerprint, duration_seconds=duration, **fields)
+
+    @property
+    def role_name(self):
+        """The name IMDS lists: the role's name, or the profile's when it serves session credentials."""
+        if self.role_arn:
+            return self.role_arn.rsplit("/", 1)[-1]
+        return self.profile
+
+    @property
+    def account_id(self):
+        """The role's account, when known."""
+        return self.role_arn.split(":")[4] if self.role_arn else None
+
+
+def _is_fingerprint(value):
+    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+@dataclass(frozen=True)
+class Served:
+    """The active profile and its credentials, swapped as one object so a reader never mixes two roles."""
+
+    spec: RoleSpec
+    credentials: Credentials
+
+
+@dataclass
+class _Entry:
+    credentials: Credentials = None
+    failures: int = 0
+    retry_at: datetime.datetime = None
+    error: str = None
+
+
+class Store:
+    """MFA sessions by fingerprint, role credentials by RoleSpec, the active profile, and their refresher."""
+
+    def __init__(self, assume=None, clock=utcnow):
+        if assume is None:
+            from imsa import sts
+
+            assume = sts.assume_role
+        self._assume = assume
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._changed = False
+        self._stopping = False
+        self._sessions = {}
+        self._entries = {}
+        self._pins = {}
+        self._active = None
+        self._served = None
+        self._thread = None
+
+    # --- sessions ---
+
+    def put_session(self, fingerprint, credentials):
+        """Keep an MFA session pushed by the CLI; ValueError if it is already expired."""
+        if not _is_fingerprint(fingerprint):
+            raise ValueError("'fingerprint' must be 32 hex characters")
+        if credentials.expired(self._clock()):
+            raise ValueError("the session has already expired")
+        with self._lock:
+            self._sessions[fingerprint] = credentials
+            for spec, entry in self._entries.items():
+                if spec.fingerprint == fingerprint:
+                    entry.failures, entry.retry_at, entry.error = 0, None, None
+            self._poke()
+        log.info("session %s stored, expires %s", fingerprint[:8], format_time(credentials.expiration))
+
+    def session(self, fingerprint):
+        """The session for *fingerprint* if it has not expired, else None."""
+        with self._lock:
+            credentials = self._sessions.get(fingerprint)
+        if credentials is None or credentials.expired(self._clock()):
+            return None
+        return credentials
+
+    # --- role credentials ---
+
+    def credentials_for(self, spec):
+        """Credentials for *spec*, from the cache while fresh, else made now (STS outside the lock)."""
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(spec)
+            if entry and entry.credentials and not _due(entry.credentials, now):
+                return entry.credentials
+        return self._make(spec)
+
+    def _make(self, spec):
+        """Make credentials for *spec* from its session and cache them; StsError when that cannot be done."""
+        session = self.session(spec.fingerprint)
+        if session is None:
+            raise StsError(f"no valid MFA session for profile {spec.profile!r}; run: imsa assume {spec.profile}")
+        if spec.role_arn:
+            credentials = self._assume(session, _spec_dict(spec))
+        else:
+            credentials = session
+        with self._lock:
+            entry = self._entries.setdefault(spec, _Entry())
+            entry.credentials, entry.failures, entry.retry_at, entry.error = credentials, 0, None, None
+            if self._active == spec:
+                self._served = Served(spec, credentials)
+            self._poke()
+        log.info("%s: credentials %s until %s", spec.profile, mask(credentials.access_key_id), format_time(credentials.expiration))
+        return credentials
+
+    def activate(self, spec):
+        """Make *spec* the profile IMDS serves: its credentials are made first, then swapped in atomically."""
+        credentials = self.credentials_for(spec)
+        with self._lock:
+            self._entries.setdefault(spec, _Entry(credentials=credentials))
+            self._active = spec
+            self._served = Served(spec, credentials)
+            self._poke()
+        log.info("active profile is now %s", spec.profile)
+        return credentials
+
+    def pin(self, spec):
+        """Keep *spec* rotated even when it is not active (an exec binding holds it)."""
+        with self._lock:
+            self._pins[spec] = self._pins.get(spec, 0) + 1
+            self._poke()
+
+    def unpin(self, spec):
+        """Release one pin() of *spec*."""
+        with self._lock:
+            count = self._pins.get(spec, 0) - 1
+            if count > 0:
+                self._pins[spec] = count
+            else:
+                self._pins.pop(spec, None)
+
+    def served(self):
+        """The active profile and its credentials as one snapshot, or None before any assume."""
+        return self._served
+
+    def status(self):
+        """A JSON-ready summary, without secrets."""
+        now = self._clock()
+        served = self._served
+        with self._lock:
+            sessions = {fp: creds for fp, creds in self._sessions.items()}
+            entry = self._entries.get(served.spec) if served else None
+            error = entry.error if entry else None
+        data = {"active": None, "sessions": []}
+        for fingerprint, creds in sorted(sessions.items()):
+            data["sessions"].append({
+                "fingerprint": fingerprint,
+                "expiration": format_time(creds.expiration),
+                "valid": not creds.expired(now),
+            })
+        if served:
+            spec, creds = served.spec, served.credentials
+            session = sessions.get(spec.fingerprint)
+            data["active"] = {
+                "profile": spec.profile,
+                "role_arn": spec.role_arn,
+                "role_name": spec.role_name,
+                "region": spec.region,
+                "access_key_id": mask(creds.access_key_id),
+                "expiration": format_time(creds.expiration),
+                "valid": not creds.expired(now),
+                "session_expiration": format_time(session.expiration) if session else None,
+                "last_error": error,
+            }
+        return data
+
+    # --- the refresher ---
+
+    def refresh_once(self):
+        """Rotate every active or pinned role that is due; return when to look again (None: nothing to do)."""
+        now = self._clock()
+        with self._lock:
+            for fingerprint in [fp for fp, creds in self._sessions.items() if creds.expired(now)]:
+                del self._sessions[fingerprint]
+                log.info("session %s expired", fingerprint[:8])
+            watched = set(self._pins)
+            if self._active is not None:
+                watched.add(self._active)
+            due = []
+            for spec in watched:
+                entry = self._entries.setdefault(spec, _Entry())
+                if spec.role_arn is None:
+                    session = self._sessions.get(spec.fingerprint)
+                    if session is not None and (entry.credentials is None or entry.credentials != session):
+                        entry.credentials = session
+                        if self._active == spec:
+                            self._served = Served(spec, session)
+                    continue
+                if entry.credentials is not None and not _due(entry.credentials, now):
+                    continue
+                if entry.retry_at is not None and now < entry.retry_at:
+                    continue
+                due.append(spec)
+        for spec in due:
+            try:
+                self._make(spec)
+            except StsError as error:
+                self._failed(spec, error, now)
+        return self._next_check(self._clock())
+
+    def _failed(self, spec, error, now):
+        with self._lock:
+            entry = self._entries.setdefault(spec, _Entry())
+            entry.failures += 1
+            delay = min(RETRY_FIRST * (2 ** (entry.failures - 1)), RETRY_MAX)
+            entry.retry_at = now + delay
+            entry.error = str(error)
+            still = entry.credentials is not None and not entry.credentials.expired(now)
+        log.warning(
+            "%s: rotation failed (%s); %s; next try in %d s",
+            spec.profile, error, "still serving valid credentials" if still else "nothing valid to serve",
+            delay.total_seconds(),
+        )
+
+    def _next_check(self, now):
+        with self._lock:
+            watched = set(self._pins)
+            if self._active is not None:
+                watched.add(self._active)
+            moments = [creds.expiration for creds in self._sessions.values()]
+            for spec in watched:
+                entry = self._entries.get(spec)
+                if entry is None or entry.credentials is None:
+                    if entry is not None and entry.retry_at is not None:
+                        moments.append(entry.retry_at)
+                    continue
+                if entry.retry_at is not None:
+                    moments.append(entry.retry_at)
+                else:
+                    moments.append(entry.credentials.expiration - _window(entry.credentials))
+        if not moments:
+            return None
+        return max(min(moments), now)
+
+    def _poke(self):
+        """Wake the refresher (call with the lock held)."""
+        self._changed = True
+        self._wake.notify_all()
+
+    def _run(self):
+        while True:
+            try:
+                due = self.refresh_once()
+            except Exception:  # the refresher must survive anything; the next pass retries
+                log.exception("refresher pass failed")
+                due = self._clock() + RETRY_MAX
+            with self._wake:
+                if self._stopping:
+                    return
+                if not self._changed:
+                    limit = IDLE_WAKE if due is None else min(due - self._clock(), IDLE_WAKE)
+                    self._wake.wait(max(limit.total_seconds(), 0.0))
+                self._changed = False
+                if self._stopping:
+                    return
+
+    def start(self):
+        """Start the refresher thread."""
+        self._thread = threading.Thread(target=self._run, name="imsa-refresher", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        """Stop the refresher thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def _window(credentials):
+    """How long before expiry to rotate: ROTATE_BEFORE, or half the lifetime of short-lived credentials."""
+    if credentials.issued is not None:
+        lifetime = credentials.expiration - credentials.issued
+        return min(ROTATE_BEFORE, lifetime / 2)
+    return ROTATE_BEFORE
+
+
+def _due(credentials, now):
+    return credentials.expiration - now <= _window(credentials)
+
+
+def _spec_dict(spec):
+    return {
+        "profile": spec.profile,
+        "role_arn": spec.role_arn,
+        "role_session_name": spec.role_session_name,
+        "duration_seconds": spec.duration_seconds,
+        "external_id": spec.external_id,
+        "region": spec.region,
+    }

@@ -1,0 +1,212 @@
+"""STS calls (GetSessionToken, AssumeRole) and MFA codes; the client factory, clock and prompt are injected."""
+
+import logging
+import os
+import re
+import shlex
+import subprocess
+import threading
+
+from imsa.credentials import Credentials, mask, utcnow
+from imsa.errors import MfaError, StsError
+
+log = logging.getLogger(__name__)
+
+MFA_CODE = re.compile(r"^[0-9]{6}$")
+MFA_ATTEMPTS = 3
+MFA_PROCESS_TIMEOUT = 60
+DEFAULT_REGION = "us-east-1"
+
+
+class MfaRejected(StsError):
+    """STS refused the MFA code."""
+
+
+_shared = {}
+_shared_lock = threading.Lock()
+
+
+def _botocore_session():
+    """One botocore session per process: its loader caches the STS model after the first client."""
+    with _shared_lock:
+        if "session" not in _shared:
+            import botocore.session
+
+            _shared["session"] = botocore.session.get_session()
+        return _shared["session"]
+
+
+def sts_client(access_key_id, secret_access_key, session_token=None, region=None):
+    """An STS client with explicit credentials; endpoint overrides (AWS_ENDPOINT_URL_STS) work as in boto3."""
+    import botocore.config
+
+    config = botocore.config.Config(
+        connect_timeout=5, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"}, proxies={}
+    )
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+    session = _botocore_session()
+    with _shared_lock:
+        return session.create_client(
+            "sts",
+            region_name=region,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            aws_session_token=session_token,
+            config=config,
+        )
+
+
+def preload():
+    """Import boto3 and load the STS model now, while the files are readable (before privileges are dropped)."""
+    import encodings.idna  # noqa: F401  (socket.getaddrinfo needs the codec; imported lazily otherwise)
+
+    sts_client("AKIAPRELOAD000000000", "preload")
+
+
+def _sts_failure(error, action):
+    """Turn a botocore exception into an StsError with one readable line."""
+    import botocore.exceptions
+
+    if isinstance(error, botocore.exceptions.ClientError):
+        details = error.response.get("Error", {})
+        code = details.get("Code", "Error")
+        message = details.get("Message", "") or str(error)
+        if "MultiFactorAuthentication" in message or code == "InvalidClientTokenId" and "MFA" in message:
+            return MfaRejected(f"STS refused the MFA code ({code}: {message})")
+        return StsError(f"STS {action} failed: {code}: {message}")
+    if isinstance(error, botocore.exceptions.NoRegionError):
+        return StsError(f"STS {action} failed: no region")
+    if isinstance(error, botocore.exceptions.BotoCoreError):
+        return StsError(f"STS {action} failed: {error}")
+    return StsError(f"STS {action} failed: {error}")
+
+
+def get_session_token(profile, code, client_factory=sts_client, now=utcnow):
+    """GetSessionToken with the profile's long-term keys (and MFA code, if it has a device)."""
+    import botocore.exceptions
+
+    client = client_factory(profile.aws_access_key_id, profile.aws_secret_access_key, None, profile.region)
+    params = {"DurationSeconds": profile.session_duration_seconds}
+    if profile.mfa_serial_number:
+        params["SerialNumber"] = profile.mfa_serial_number
+        params["TokenCode"] = code
+    log.info("GetSessionToken for %s", mask(profile.aws_access_key_id))
+    try:
+        answer = client.get_session_token(**params)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        raise _sts_failure(error, "GetSessionToken") from error
+    return Credentials.from_sts(answer["Credentials"], now())
+
+
+def assume_role(session, spec, client_factory=sts_client, now=utcnow):
+    """AssumeRole from MFA-session credentials; *spec* is a Profile.role_spec() dict."""
+    import botocore.exceptions
+
+    client = client_factory(session.access_key_id, session.secret_access_key, session.session_token, spec.get("region"))
+    params = {
+        "RoleArn": spec["role_arn"],
+        "RoleSessionName": spec["role_session_name"],
+        "DurationSeconds": spec["duration_seconds"],
+    }
+    if spec.get("external_id"):
+        params["ExternalId"] = spec["external_id"]
+    log.info("AssumeRole %s as %s", spec["role_arn"], spec["role_session_name"])
+    try:
+        answer = client.assume_role(**params)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        raise _sts_failure(error, "AssumeRole") from error
+    return Credentials.from_sts(answer["Credentials"], now())
+
+
+class TerminalPrompt:
+    """Asks on /dev/tty; with no terminal device, on stderr when stdin is a terminal; else refuses."""
+
+    def __call__(self, text):
+        """Show *text* and return the line typed."""
+        try:
+            with open("/dev/tty", "r+", encoding="utf-8") as tty:
+                tty.write(text)
+                tty.flush()
+                line = tty.readline()
+                if not line:
+                    raise MfaError("no MFA code entered")
+                return line.strip()
+        except OSError:
+            pass
+        import sys
+
+        if sys.stdin is not None and sys.stdin.isatty():
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:
+                raise MfaError("no MFA code entered")
+            return line.strip()
+        raise MfaError("an MFA code is needed but there is no terminal to ask on; pass --mfa-token CODE or set mfa_process")
+
+
+def run_mfa_process(command):
+    """Run the profile's mfa_process (no shell) and return the code it prints."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as error:
+        raise MfaError(f"mfa_process cannot be parsed: {error}") from None
+    try:
+        done = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=MFA_PROCESS_TIMEOUT, check=False
+        )
+    except FileNotFoundError:
+        raise MfaError(f"mfa_process: command not found: {argv[0]}") from None
+    except subprocess.TimeoutExpired:
+        raise MfaError(f"mfa_process did not finish within {MFA_PROCESS_TIMEOUT} s") from None
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise MfaError(f"mfa_process failed: {reason}")
+    code = done.stdout.strip()
+    if not MFA_CODE.match(code):
+        raise MfaError("mfa_process did not print a 6-digit code")
+    return code
+
+
+class MfaSource:
+    """Yields MFA codes for a profile: --mfa-token, then mfa_process, then the prompt (re-asked on typos)."""
+
+    def __init__(self, profile, given=None, prompt=None):
+        self.profile = profile
+        self.given = given
+        self.prompt = prompt or TerminalPrompt()
+
+    @property
+    def can_retry(self):
+        """A refused code can be asked for again only from a person or a process, not from --mfa-token."""
+        return self.given is None
+
+    def code(self):
+        """One 6-digit code."""
+        if self.given is not None:
+            if not MFA_CODE.match(self.given):
+                raise MfaError("--mfa-token must be 6 digits")
+            return self.given
+        if self.profile.mfa_process:
+            return run_mfa_process(self.profile.mfa_process)
+        text = f"MFA code for {self.profile.mfa_serial_number}: "
+        while True:
+            answer = self.prompt(text)
+            if MFA_CODE.match(answer):
+                return answer
+            text = f"An MFA code is 6 digits. MFA code for {self.profile.mfa_serial_number}: "
+
+
+def new_session(profile, mfa, client_factory=sts_client, now=utcnow):
+    """GetSessionToken, asking again for a refused MFA code up to MFA_ATTEMPTS times."""
+    if not profile.mfa_serial_number:
+        return get_session_token(profile, None, client_factory, now)
+    attempts = MFA_ATTEMPTS if mfa.can_retry else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return get_session_token(profile, mfa.code(), client_factory, now)
+        except MfaRejected as error:
+            if attempt == attempts:
+                raise MfaError(f"{error}; gave up after {attempts} attempt{'s' if attempts > 1 else ''}") from None
+            log.warning("%s; try again", error)
+    raise AssertionError("unreachable")

@@ -1,0 +1,228 @@
+"""Shared fixtures: an isolated environment, moto's server as a strict STS, and a live imsa service.
+
+Every network peer here is on loopback (or inside a network namespace a test creates itself).
+"""
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+
+import pytest
+
+from imsa.client import Client
+from imsa.errors import ServiceNotRunning
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MFA_CODE = "123456"
+MFA_SERIAL = "arn:aws:iam::123456789012:mfa/alice"
+
+# Variables that would make a test talk to something other than what it set up.
+_SCRUB = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_STS", "AWS_EC2_METADATA_SERVICE_ENDPOINT", "AWS_EC2_METADATA_DISABLED", "AWS_REGION",
+    "AWS_DEFAULT_REGION", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy",
+    "NO_PROXY", "no_proxy", "IMSA_CONFIG", "IMSA_CONTROL_SOCKET", "XDG_RUNTIME_DIR", "IMSA_SIGNIN_URL",
+)
+
+
+def shared_tmpdir(prefix):
+    """A temporary directory the service's unprivileged user can traverse (tests may run as root)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(path, 0o711)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch, tmp_path):
+    """A fresh HOME, config and control socket path; no real AWS credentials and no proxies."""
+    for name in _SCRUB:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    (home / ".aws" / "config").write_text("")
+    (home / ".aws" / "credentials").write_text("")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(home / ".aws" / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / ".aws" / "credentials"))
+    monkeypatch.setenv("IMSA_CONFIG", str(home / ".imsa"))
+    run_dir = shared_tmpdir("imsa-test-")
+    monkeypatch.setenv("IMSA_CONTROL_SOCKET", os.path.join(run_dir, "run", "control.sock"))
+    yield home
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+class StsServer:
+    """The running fake STS: its endpoint, users' keys, role ARNs, and the requests it recorded."""
+
+    def __init__(self, process, info, recording):
+        self.process = process
+        self.endpoint = info["endpoint"]
+        self.users = info["users"]
+        self.roles = info["roles"]
+        self.account = info["account"]
+        self.recording = recording
+
+    def mark(self):
+        """A position in the recording; calls() counts only what came after it."""
+        try:
+            return os.path.getsize(self.recording)
+        except OSError:
+            return 0
+
+    def actions(self, since=0):
+        """The STS/IAM Action of every request recorded after *since*."""
+        found = []
+        try:
+            with open(self.recording, "rb") as handle:
+                handle.seek(since)
+                lines = handle.read().decode().splitlines()
+        except OSError:
+            return found
+        for line in lines:
+            entry = json.loads(line)
+            body = entry.get("body") or ""
+            if entry.get("body_encoded"):
+                body = base64.b64decode(body).decode("utf-8", "replace")
+            action = urllib.parse.parse_qs(body).get("Action", [None])[0]
+            found.append(action)
+        return found
+
+    def calls(self, action, since=0):
+        """How many *action* requests reached STS after *since*."""
+        return self.actions(since).count(action)
+
+
+def start_sts(mfa_code=MFA_CODE):
+    """Start tests/sts_server.py as its own process and wait for its JSON line."""
+    recording = tempfile.NamedTemporaryFile(prefix="imsa-sts-", suffix=".jsonl", delete=False).name
+    env = dict(os.environ, MOTO_ENABLE_RECORDING="1", MOTO_RECORDER_FILEPATH=recording)
+    argv = [sys.executable, os.path.join(HERE, "sts_server.py")]
+    if mfa_code:
+        argv += ["--mfa-code", mfa_code]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    line = process.stdout.readline()
+    if not line:
+        process.kill()
+        raise RuntimeError("the fake STS did not start")
+    return StsServer(process, json.loads(line), recording)
+
+
+def stop_process(process):
+    """Stop a process this suite started, by its PID."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def sts_server():
+    """moto's server, strict, as STS for the whole run."""
+    server = start_sts()
+    yield server
+    stop_process(server.process)
+    os.unlink(server.recording)
+
+
+@pytest.fixture
+def sts_env(sts_server, monkeypatch):
+    """Point every boto3 client (the CLI's and the service's) at the fake STS."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", sts_server.endpoint)
+    return sts_server
+
+
+def write_config(home, sts_server, extra=None, mode=0o600):
+    """A ~/.imsa with profiles a..d (roles A..D), all sharing alice's keys and MFA device."""
+    alice = sts_server.users["alice"]
+    profiles = {
+        "base": {
+            "aws_access_key_id": alice["aws_access_key_id"],
+            "aws_secret_access_key": alice["aws_secret_access_key"],
+            "mfa_serial_number": MFA_SERIAL,
+        },
+    }
+    for name in ("a", "b", "c", "d"):
+        profiles[name] = {"extends": "base", "role_arn": sts_server.roles[f"role-{name}"], "role_session_name": f"tester-{name}"}
+    profiles.update(extra or {})
+    import yaml
+
+    path = home / ".imsa"
+    path.write_text(yaml.safe_dump(profiles))
+    os.chmod(path, mode)
+    return path
+
+
+class Service:
+    """A live imsa service started by a test (``imsa start --foreground`` in its own process)."""
+
+    def __init__(self, process, status, log_path):
+        self.process = process
+        self.pid = status["pid"]
+        self.host, port = status["listen"].rsplit(":", 1)
+        self.port = int(port)
+        self.endpoint = status["endpoint"].rstrip("/")
+        self.socket = status["control_socket"]
+        self.log_path = log_path
+        self.client = Client(self.socket)
+
+    def url(self, path):
+        """The URL of *path* on the IMDS listener."""
+        return f"http://{self.host}:{self.port}{path}"
+
+    def log(self):
+        """What the service wrote to its log so far."""
+        with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+
+def service_user_args():
+    """Tests may run as root; the service refuses root, so it serves 'nobody' then."""
+    return ["--user", "nobody"] if os.geteuid() == 0 else []
+
+
+def start_service(extra_args=(), env=None, timeout=15):
+    """Start the service on 127.0.0.1:0 and wait until its control socket answers."""
+    log = tempfile.NamedTemporaryFile(prefix="imsa-service-", suffix=".log", delete=False)
+    argv = [sys.executable, "-m", "imsa", "--verbose", "start", "--foreground", "--listen", "127.0.0.1:0"]
+    argv += service_user_args() + list(extra_args)
+    process = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env or dict(os.environ))
+    client = Client(timeout=2)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("the service exited: " + open(log.name).read())
+        try:
+            return Service(process, client.status(), log.name)
+        except ServiceNotRunning:
+            time.sleep(0.05)
+    stop_process(process)
+    raise RuntimeError("the service did not answer: " + open(log.name).read())
+
+
+@pytest.fixture
+def service(sts_env):
+    """A live service whose STS is the fake one."""
+    running = start_service()
+    yield running
+    stop_process(running.process)
+    os.unlink(running.log_path)
+
+
+def run_imsa(*args, env=None, input=None, timeout=60):
+    """Run the imsa CLI as a separate process; returns CompletedProcess with text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "imsa", *args], capture_output=True, text=True, env=env or dict(os.environ),
+        input=input, timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL,
+    )

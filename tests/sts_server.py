@@ -1,0 +1,151 @@
+"""moto's server as a strict STS for imsa's tests, run as its own process: ``python tests/sts_server.py``.
+
+It prints one JSON line (endpoint, the users' long-term keys, role ARNs) on stdout once it serves, then runs
+until SIGTERM. Strictness is moto's own IAM authentication (``INITIAL_NO_AUTH_ACTION_COUNT``): every request's
+SigV4 signature is checked and the caller's IAM policies and the role's trust policy are enforced.
+
+moto alone cannot authenticate what its own GetSessionToken returns (one fixed key pair that no principal owns,
+and it refuses session tokens on user keys), so in strict mode AssumeRole from an MFA session — imsa's whole
+point — would always fail. Two additions close that gap, nothing is loosened:
+- GetSessionToken mints a fresh key, secret and token per call, bound to the calling IAM user;
+- the authenticator accepts those credentials *with their token*, verifies the signature with their secret, and
+  applies the owning user's policies, as AWS does for session credentials.
+With ``--mfa-code CODE`` GetSessionToken also refuses any other TokenCode, with AWS's AccessDenied text.
+"""
+
+import argparse
+import datetime
+import json
+import secrets
+import signal
+import string
+import sys
+import threading
+
+ACCOUNT = "123456789012"
+USERS = ("alice", "bob")
+ROLES = ("role-a", "role-b", "role-c", "role-d")
+DENIED_ROLE = "role-denied"
+
+
+def _random(alphabet, length):
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+def install_session_credentials(mfa_code):
+    """Patch moto so that GetSessionToken credentials are real, per-caller and authenticated."""
+    from moto.core.responses import ActionResult
+    from moto.iam import access_control
+    from moto.iam.models import iam_backends
+    from moto.sts.exceptions import STSClientError
+    from moto.sts.responses import TokenResponse
+
+    sessions = {}
+
+    class SessionAccessKey(access_control.IAMUserAccessKey):
+        def __init__(self, account_id, partition, access_key_id, headers):
+            self.account_id = account_id
+            self.partition = partition
+            entry = sessions[access_key_id]
+            if headers.get("X-Amz-Security-Token") != entry["token"]:
+                raise access_control.CreateAccessKeyFailure(reason="InvalidToken")
+            self._owner_user_name = entry["user"]
+            self._access_key_id = access_key_id
+            self._secret_access_key = entry["secret"]
+            self._session_token = entry["token"]
+
+        def create_credentials(self):
+            from botocore.credentials import Credentials
+
+            return Credentials(self._access_key_id, self._secret_access_key, self._session_token)
+
+    original_create = access_control.create_access_key
+
+    def create_access_key(account_id, partition, access_key_id, headers):
+        if access_key_id in sessions:
+            return SessionAccessKey(account_id, partition, access_key_id, headers)
+        return original_create(account_id, partition, access_key_id, headers)
+
+    access_control.create_access_key = create_access_key
+
+    def get_session_token(self):
+        if mfa_code is not None and self._get_param("TokenCode") != mfa_code:
+            raise STSClientError("AccessDenied", "MultiFactorAuthentication failed with invalid MFA one time pass code. ")
+        duration = self._get_int_param("DurationSeconds", 43200)
+        caller = self.get_access_key()
+        user = iam_backends[ACCOUNT]["aws"].get_user_from_access_key_id(caller)
+        key_id = "ASIA" + _random(string.ascii_uppercase + string.digits, 16)
+        secret = _random(string.ascii_letters + string.digits, 40)
+        token = _random(string.ascii_letters + string.digits, 300)
+        expiration = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=duration)
+        sessions[key_id] = {"user": user.name if user else "unknown", "secret": secret, "token": token}
+        return ActionResult({
+            "Credentials": {
+                "AccessKeyId": key_id,
+                "SecretAccessKey": secret,
+                "SessionToken": token,
+                "Expiration": expiration,
+            }
+        })
+
+    TokenResponse.get_session_token = get_session_token
+
+
+def populate(endpoint):
+    """Create the users, their keys and policies, and the roles, while authentication is still off."""
+    import boto3
+
+    iam = boto3.client(
+        "iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="AKIASETUP0000000000",
+        aws_secret_access_key="setup",
+    )
+    keys = {}
+    for user in USERS:
+        iam.create_user(UserName=user)
+        key = iam.create_access_key(UserName=user)["AccessKey"]
+        keys[user] = {"aws_access_key_id": key["AccessKeyId"], "aws_secret_access_key": key["SecretAccessKey"]}
+        iam.put_user_policy(
+            UserName=user, PolicyName="sts",
+            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:*", "Resource": "*"}]}),
+        )
+    trusted = [f"arn:aws:iam::{ACCOUNT}:user/{user}" for user in USERS]
+    roles = {}
+    for role in ROLES + (DENIED_ROLE,):
+        principal = trusted if role != DENIED_ROLE else f"arn:aws:iam::{ACCOUNT}:user/nobody"
+        trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": principal}, "Action": "sts:AssumeRole"}]}
+        roles[role] = iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+    return keys, roles
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--mfa-code", default=None, help="the only TokenCode GetSessionToken accepts")
+    args = parser.parse_args()
+
+    from moto import settings
+    from moto.core.authorization import ActionAuthenticatorMixin
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    install_session_credentials(args.mfa_code)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=args.port, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    keys, roles = populate(endpoint)
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+    ActionAuthenticatorMixin.request_count = 0
+    print(json.dumps({"endpoint": endpoint, "account": ACCOUNT, "users": keys, "roles": roles}), flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
