@@ -345,9 +345,11 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
     control_app = control.create_app(store, uid, info, stop_soon)
     shared_map = {}
     common = dict(map=shared_map, ident="imsa", channel_timeout=CHANNEL_TIMEOUT, asyncore_use_poll=True)
+    # clear_untrusted_proxy_headers=False: waitress would otherwise delete X-Forwarded-For before the app can
+    # refuse a token PUT that carries it. No proxy is trusted (trusted_proxy unset), so REMOTE_ADDR stays the peer.
     imds_server = create_server(
         imds_app, sockets=[tcp], threads=IMDS_THREADS, max_request_header_size=16384,
-        max_request_body_size=65536, **common,
+        max_request_body_size=65536, clear_untrusted_proxy_headers=False, **common,
     )
     control_server = create_server(
         control_app, sockets=[unix], threads=CONTROL_THREADS, max_request_header_size=16384,

@@ -226,3 +226,37 @@ def run_imsa(*args, env=None, input=None, timeout=60):
         [sys.executable, "-m", "imsa", *args], capture_output=True, text=True, env=env or dict(os.environ),
         input=input, timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL,
     )
+
+
+@pytest.fixture
+def active_service(isolated_env, service, sts_env):
+    """A live service serving profile 'a' (role-a, region us-west-2) from one MFA session."""
+    write_config(isolated_env, sts_env, extra={
+        "r": {"extends": "base", "role_arn": sts_env.roles["role-d"], "role_session_name": "tester-r", "region": "us-west-2"},
+    })
+    done = run_imsa("assume", "a", "--mfa-token", MFA_CODE)
+    assert done.returncode == 0, done.stderr
+    return service
+
+
+def http(host, port, method, path, headers=None, body=b"", host_header=None, source=None, timeout=5):
+    """One raw HTTP/1.1 request over a real socket, with exactly the headers given; returns (status, headers, body)."""
+    import http.client
+    import socket
+
+    sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0) if source else None)
+    try:
+        lines = [f"{method} {path} HTTP/1.1"]
+        if host_header is not False:
+            lines.append(f"Host: {host_header or f'{host}:{port}'}")
+        for name, value in (headers or {}).items():
+            values = value if isinstance(value, list) else [value]
+            lines.extend(f"{name}: {item}" for item in values)
+        lines.append(f"Content-Length: {len(body)}")
+        lines.append("Connection: close")
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        response = http.client.HTTPResponse(sock, method=method)
+        response.begin()
+        return response.status, response.msg, response.read()
+    finally:
+        sock.close()
