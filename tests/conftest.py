@@ -204,9 +204,13 @@ def start_service(extra_args=(), env=None, timeout=15):
         if process.poll() is not None:
             raise RuntimeError("the service exited: " + open(log.name).read())
         try:
-            return Service(process, client.status(), log.name)
+            status = client.status()
         except ServiceNotRunning:
             time.sleep(0.05)
+            continue
+        if status["pid"] == process.pid:
+            return Service(process, status, log.name)
+        time.sleep(0.05)
     stop_process(process)
     raise RuntimeError("the service did not answer: " + open(log.name).read())
 
