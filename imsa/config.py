@@ -168,6 +168,15 @@ def _line_numbers(text):
     return lines
 
 
+def _shown(key, value):
+    """*value* as an error message may show it: the secret never, a key id cut to its first four characters."""
+    if key == "aws_secret_access_key":
+        return "(value hidden)"
+    if key == "aws_access_key_id":
+        return repr(str(value)[:4] + "...")
+    return repr(value)
+
+
 def _check_value(key, value):
     """The problem with one key's value, or None."""
     if key in INT_KEYS:
@@ -175,18 +184,21 @@ def _check_value(key, value):
             return f"must be a whole number of seconds, not {type(value).__name__} {value!r}"
         low, high = RANGES[key]
         if not low <= value <= high:
-            why = " (STS caps roles assumed from an MFA session at one hour)" if key == "duration_seconds" else ""
+            why = (
+                " (role chaining: STS caps a role assumed with MFA session credentials at one hour)"
+                if key == "duration_seconds"
+                else ""
+            )
             return f"must be between {low} and {high}, not {value}{why}"
         return None
     if not isinstance(value, str):
-        return f"must be a string, not {type(value).__name__} {value!r}"
+        return f"must be a string, not {type(value).__name__} {_shown(key, value)}"
     if not value.strip():
         return "must not be empty"
     if key in PATTERNS:
         pattern, description = PATTERNS[key]
         if not pattern.match(value):
-            shown = value if key != "aws_access_key_id" else value[:4] + "..."
-            return f"{shown!r} is not {description}"
+            return f"{_shown(key, value)} is not {description}"
     return None
 
 
@@ -265,7 +277,8 @@ def _cycles(config, raw):
                 key = frozenset(loop)
                 if key not in reported:
                     reported.add(key)
-                    problems.append(f"{config._where(start, 'extends')}: extends cycle {' -> '.join(loop)}")
+                    # Point at a profile on the loop, not at one that merely leads into it.
+                    problems.append(f"{config._where(loop[0], 'extends')}: extends cycle {' -> '.join(loop)}")
                 break
             seen.append(current)
     return problems

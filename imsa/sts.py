@@ -70,7 +70,7 @@ def _sts_failure(error, action):
     if isinstance(error, botocore.exceptions.ClientError):
         details = error.response.get("Error", {})
         code = details.get("Code", "Error")
-        message = details.get("Message", "") or str(error)
+        message = (details.get("Message") or str(error)).strip()
         if "MultiFactorAuthentication" in message or code == "InvalidClientTokenId" and "MFA" in message:
             return MfaRejected(f"STS refused the MFA code ({code}: {message})")
         return StsError(f"STS {action} failed: {code}: {message}")
@@ -206,7 +206,9 @@ def new_session(profile, mfa, client_factory=sts_client, now=utcnow):
         try:
             return get_session_token(profile, mfa.code(), client_factory, now)
         except MfaRejected as error:
+            if not mfa.can_retry:
+                raise MfaError(f"{error}; run the command again with the current code") from None
             if attempt == attempts:
-                raise MfaError(f"{error}; gave up after {attempts} attempt{'s' if attempts > 1 else ''}") from None
+                raise MfaError(f"{error}; gave up after {attempts} attempts") from None
             log.warning("%s; try again", error)
     raise AssertionError("unreachable")

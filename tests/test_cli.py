@@ -1,0 +1,222 @@
+"""The CLI's contract: exit codes, one-line errors on stderr, tracebacks only with --debug, and export formats."""
+
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import boto3
+import pytest
+
+from conftest import MFA_CODE, run_imsa, write_config
+from imsa import cli, commands
+from imsa.config import Profile
+from imsa.credentials import Credentials
+from imsa.errors import EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_SERVICE, EXIT_STS, EXIT_USAGE
+
+EXPORTED = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_CREDENTIAL_EXPIRATION",
+            "IMSA_PROFILE", "IMSA_PROFILE_EXPIRATION")
+
+
+def one_error_line(done, code):
+    """Assert *done* exited with *code* and wrote exactly one ``imsa: error:`` line and nothing on stdout."""
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("imsa: error: ")
+    assert "Traceback" not in done.stderr
+    return lines[0]
+
+
+def run_without_terminal(*args):
+    """Run the CLI in a new session (no controlling terminal, so /dev/tty cannot be opened) with stdin at /dev/null."""
+    return subprocess.run(
+        [sys.executable, "-m", "imsa", *args], capture_output=True, text=True, env=dict(os.environ),
+        stdin=subprocess.DEVNULL, start_new_session=True, timeout=60,
+    )
+
+
+def caller_arn(creds, sts_server):
+    """GetCallerIdentity against the fake STS: proves exported credentials are real."""
+    client = boto3.client("sts", endpoint_url=sts_server.endpoint, region_name="us-east-1", **creds)
+    return client.get_caller_identity()["Arn"]
+
+
+def parse_sh(text):
+    """``export K=V`` / ``unset K`` lines, split as sh would: ({K: V}, [unset names])."""
+    values, unset = {}, []
+    for line in text.splitlines():
+        words = shlex.split(line)
+        if words[0] == "export":
+            assert len(words) == 2, line
+            key, value = words[1].split("=", 1)
+            values[key] = value
+        else:
+            assert words[0] == "unset", line
+            unset.extend(words[1:])
+    return values, unset
+
+
+# --- MFA through the CLI, against the fake STS (which accepts only MFA_CODE) ---
+
+
+def test_wrong_mfa_token_exits_4_with_one_line_about_the_code(isolated_env, service, sts_env):
+    write_config(isolated_env, sts_env)
+    before = sts_env.mark()
+    line = one_error_line(run_imsa("assume", "a", "--mfa-token", "000000"), EXIT_STS)
+    assert "MFA code" in line and "invalid MFA one time pass code.)" in line  # STS's trailing space is trimmed
+    assert "again with the current code" in line
+    assert sts_env.calls("GetSessionToken", before) == 1  # a given code is not retried
+    assert sts_env.calls("AssumeRole", before) == 0
+
+
+def test_no_terminal_and_no_mfa_token_exits_4_and_says_what_to_do(isolated_env, service, sts_env):
+    probe = subprocess.run([sys.executable, "-c", "open('/dev/tty')"], capture_output=True, start_new_session=True,
+                           stdin=subprocess.DEVNULL, timeout=30)
+    assert probe.returncode != 0, "a new session must have no controlling terminal"
+    write_config(isolated_env, sts_env)
+    before = sts_env.mark()
+    line = one_error_line(run_without_terminal("assume", "a"), EXIT_STS)
+    assert "--mfa-token" in line and "mfa_process" in line
+    assert sts_env.actions(before) == []
+
+
+# --- no service running ---
+
+
+@pytest.mark.parametrize("args", [("assume", "a"), ("status",), ("status", "--json"), ("stop",)])
+def test_command_needing_the_service_exits_5_when_none_runs(isolated_env, sts_env, args):
+    write_config(isolated_env, sts_env)
+    line = one_error_line(run_imsa(*args), EXIT_SERVICE)
+    assert "not running" in line and "imsa start" in line
+
+
+def test_export_without_a_service_calls_sts_directly_and_says_nothing_is_cached(isolated_env, sts_env):
+    write_config(isolated_env, sts_env)
+    before = sts_env.mark()
+    done = run_imsa("export", "a", "--mfa-token", MFA_CODE)
+    assert done.returncode == 0, done.stderr
+    assert "nothing is cached" in done.stderr and "Traceback" not in done.stderr
+    values, _ = parse_sh(done.stdout)
+    creds = {"aws_access_key_id": values["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": values["AWS_SECRET_ACCESS_KEY"],
+             "aws_session_token": values["AWS_SESSION_TOKEN"]}
+    assert caller_arn(creds, sts_env).endswith(":assumed-role/role-a/tester-a")
+    assert sts_env.calls("GetSessionToken", before) == 1 and sts_env.calls("AssumeRole", before) == 1
+
+
+# --- tracebacks only with --debug ---
+
+
+def test_debug_shows_the_traceback_of_an_error(isolated_env):
+    done = run_imsa("--debug", "assume", "a")
+    assert done.returncode == EXIT_CONFIG
+    assert "Traceback" in done.stderr and "ConfigError" in done.stderr
+    assert done.stderr.splitlines()[-1].startswith("imsa: error: ")
+
+
+def test_without_debug_an_error_has_no_traceback(isolated_env):
+    one_error_line(run_imsa("assume", "a"), EXIT_CONFIG)
+    one_error_line(run_imsa("-v", "assume", "a"), EXIT_CONFIG)
+
+
+def test_unexpected_exception_is_one_line_and_raised_only_with_debug(isolated_env, monkeypatch, capsys):
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("something broke")
+
+    monkeypatch.setattr(commands, "status", broken)
+    assert cli.main(["status"]) == EXIT_ERROR
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "imsa: error: unexpected RuntimeError: something broke (run with --debug for details)\n"
+    with pytest.raises(RuntimeError):
+        cli.main(["--debug", "status"])
+
+
+def test_interrupt_exits_130(isolated_env, monkeypatch, capsys):
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "status", interrupted)
+    assert cli.main(["status"]) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "imsa: interrupted\n"
+
+
+def test_missing_profile_argument_is_a_usage_error(isolated_env):
+    done = run_imsa("assume")
+    assert done.returncode == EXIT_USAGE
+    assert "usage:" in done.stderr and done.stdout == ""
+
+
+# --- export formats (no service: direct STS) ---
+
+
+def test_export_json_is_credential_process_version_1(isolated_env, sts_env):
+    write_config(isolated_env, sts_env)
+    done = run_imsa("export", "a", "--format", "json", "--mfa-token", MFA_CODE)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert set(data) == {"Version", "AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration"}
+    assert data["Version"] == 1
+    expiration = datetime.datetime.strptime(data["Expiration"], "%Y-%m-%dT%H:%M:%SZ")
+    assert expiration.replace(tzinfo=datetime.timezone.utc) > datetime.datetime.now(datetime.timezone.utc)
+    creds = {"aws_access_key_id": data["AccessKeyId"], "aws_secret_access_key": data["SecretAccessKey"],
+             "aws_session_token": data["SessionToken"]}
+    assert caller_arn(creds, sts_env).endswith(":assumed-role/role-a/tester-a")
+
+
+def test_export_fish_sets_global_exports(isolated_env, sts_env):
+    write_config(isolated_env, sts_env)
+    done = run_imsa("export", "a", "--format", "fish", "--mfa-token", MFA_CODE)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "set -e AWS_PROFILE;"
+    names = [shlex.split(line)[2] for line in lines[:-1]]
+    assert all(line.startswith("set -gx ") for line in lines[:-1])
+    assert set(names) == set(EXPORTED)
+    assert "export " not in done.stdout
+
+
+def test_export_sh_is_quoted_and_complete_without_region(isolated_env, sts_env):
+    write_config(isolated_env, sts_env)
+    done = run_imsa("export", "a", "--mfa-token", MFA_CODE)
+    assert done.returncode == 0, done.stderr
+    values, unset = parse_sh(done.stdout)
+    assert set(values) == set(EXPORTED)  # no AWS_REGION / AWS_DEFAULT_REGION: the profile has none
+    assert unset == ["AWS_PROFILE"]
+    assert values["IMSA_PROFILE"] == "a"
+    assert values["AWS_CREDENTIAL_EXPIRATION"] == values["IMSA_PROFILE_EXPIRATION"]
+    evaluated = subprocess.run(
+        ["sh", "-c", done.stdout + 'printf "%s\\n" "$AWS_SECRET_ACCESS_KEY" "$IMSA_PROFILE" "${AWS_PROFILE-unset}"'],
+        capture_output=True, text=True, env=dict(os.environ, AWS_PROFILE="other"), timeout=30,
+    )
+    assert evaluated.stdout.splitlines() == [values["AWS_SECRET_ACCESS_KEY"], "a", "unset"]
+
+
+def test_export_sh_sets_region_when_the_profile_has_one(isolated_env, sts_env):
+    write_config(isolated_env, sts_env, extra={"r": {"extends": "a", "region": "eu-west-1"}})
+    done = run_imsa("export", "r", "--mfa-token", MFA_CODE)
+    assert done.returncode == 0, done.stderr
+    values, _ = parse_sh(done.stdout)
+    assert values["AWS_REGION"] == values["AWS_DEFAULT_REGION"] == "eu-west-1"
+    assert set(values) == set(EXPORTED) | {"AWS_REGION", "AWS_DEFAULT_REGION"}
+
+
+def test_export_sh_quotes_values_a_shell_would_expand(tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    nasty = "x'; touch pwned; echo '$(touch pwned2) `touch pwned3` \"q\" \\"
+    profile = Profile(name=nasty, region="us-east-1")
+    expiration = datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc)
+    creds = Credentials("ASIA0000000000000001", "se cr$et'\"", "tok/en+==", expiration)
+    text = commands.export_lines(profile, creds, "sh")
+    values, _ = parse_sh(text)
+    assert values["IMSA_PROFILE"] == nasty and values["AWS_SECRET_ACCESS_KEY"] == "se cr$et'\""
+    evaluated = subprocess.run(
+        ["sh", "-c", text + 'printf "%s\\n" "$IMSA_PROFILE" "$AWS_SECRET_ACCESS_KEY"'],
+        capture_output=True, text=True, cwd=workdir, timeout=30,
+    )
+    assert evaluated.stdout.splitlines() == [nasty, "se cr$et'\""]
+    assert list(workdir.iterdir()) == []  # nothing the values hold was run
