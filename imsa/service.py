@@ -288,7 +288,9 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
         raise UsageError("only root can start the service for another user")
     tcp = inherited_socket()
     added_alias = False
-    if tcp is None:
+    if tcp is not None:
+        log.info("using the listening socket passed by systemd")
+    else:
         if is_root and not ipaddress.ip_address(host).is_loopback:
             added_alias = add_alias(host)
         try:

@@ -36,3 +36,21 @@ def test_peers_outside_loopback_are_refused(isolated_env):
     assert status == 403 and "peer" in body
     assert results["loopback"][0] == 200
     assert results["listen"][0] == 200
+
+
+def test_sudo_start_serves_the_real_address_as_the_user_and_stop_removes_the_alias(isolated_env):
+    result = run_scenario("real_address")
+    assert result["start"][0] == 0, result["start"]
+    assert result["alias_before"] is False and result["alias_added"] is True and result["alias_up"] is True
+    assert result["listen"] == "169.254.169.254:80"
+    assert 0 not in result["server_uids"] and 0 not in result["server_gids"], result
+    assert result["server_groups"] in ([], ["65534"])
+    # The root process that stays behind only waits to remove the alias: it holds no socket at all.
+    assert result["waiter_uid"] == 0 and result["waiter_sockets"] == 0
+    assert result["assume"][0] == 0, result["assume"]
+    assert result["aws"][0] == 0, result["aws"]
+    assert result["aws"][1] == "arn:aws:sts::123456789012:assumed-role/role-a/netns-a"
+    assert result["boto3"][:2] == [0, "arn:aws:sts::123456789012:assumed-role/role-a/netns-a"], result["boto3"]
+    assert result["stop"][0] == 0, result["stop"]
+    assert result["waiter_gone"] is True
+    assert result["alias_after"] is False
