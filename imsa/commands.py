@@ -102,6 +102,11 @@ def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None,
     return profile, Credentials.from_json(client.credentials(profile.role_spec()))
 
 
+def fish_quote(value):
+    """Quote for fish, where only backslash and single quote are special inside single quotes."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def export_lines(profile, creds, fmt):
     """The text of ``imsa export`` in *fmt* (sh, fish or json)."""
     if fmt == "json":
@@ -113,7 +118,7 @@ def export_lines(profile, creds, fmt):
         values["AWS_REGION"] = profile.region
         values["AWS_DEFAULT_REGION"] = profile.region
     if fmt == "fish":
-        lines = [f"set -gx {key} {shlex.quote(value)};" for key, value in values.items()]
+        lines = [f"set -gx {key} {fish_quote(value)};" for key, value in values.items()]
         lines.append("set -e AWS_PROFILE;")
     else:
         lines = [f"export {key}={shlex.quote(value)}" for key, value in values.items()]

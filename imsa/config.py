@@ -218,7 +218,7 @@ def load(path=None, warn=None):
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     if warn and stat.S_IMODE(mode) & 0o077:
-        warn(f"warning: {path} holds long-term keys and is readable by others; run: chmod 600 {path}")
+        warn(f"imsa: warning: {path} holds long-term keys and is readable by others; run: chmod 600 {path}")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:

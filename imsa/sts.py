@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 MFA_CODE = re.compile(r"^[0-9]{6}$")
 MFA_ATTEMPTS = 3
+# How often a code that is not 6 digits is asked for again before giving up.
+MFA_TYPOS = 5
 MFA_PROCESS_TIMEOUT = 60
 DEFAULT_REGION = "us-east-1"
 
@@ -190,11 +192,12 @@ class MfaSource:
         if self.profile.mfa_process:
             return run_mfa_process(self.profile.mfa_process)
         text = f"MFA code for {self.profile.mfa_serial_number}: "
-        while True:
+        for _ in range(MFA_TYPOS):
             answer = self.prompt(text)
             if MFA_CODE.match(answer):
                 return answer
             text = f"An MFA code is 6 digits. MFA code for {self.profile.mfa_serial_number}: "
+        raise MfaError(f"no 6-digit MFA code after {MFA_TYPOS} tries")
 
 
 def new_session(profile, mfa, client_factory=sts_client, now=utcnow):

@@ -4,6 +4,7 @@ import datetime
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -220,3 +221,14 @@ def test_export_sh_quotes_values_a_shell_would_expand(tmp_path):
     )
     assert evaluated.stdout.splitlines() == [nasty, "se cr$et'\""]
     assert list(workdir.iterdir()) == []  # nothing the values hold was run
+
+
+@pytest.mark.skipif(not shutil.which("fish"), reason="fish is not installed")
+@pytest.mark.parametrize("value", ["plain", "it's", "back\\slash", "trail\\", "$HOME `x` (y) ;z", "two\\'both"])
+def test_fish_quoting_round_trips_through_a_real_fish(value):
+    from imsa.commands import fish_quote
+
+    done = subprocess.run(["fish", "--no-config", "-c", f"set -gx V {fish_quote(value)}; printf '%s' $V"],
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == value

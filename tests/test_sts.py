@@ -172,6 +172,13 @@ def test_code_that_is_not_six_digits_is_asked_again(stub):
     assert "6 digits" in prompt.texts[1] and MFA_SERIAL in prompt.texts[1]
 
 
+def test_typing_no_code_at_all_gives_up_after_a_few_tries(stub):
+    prompt = Prompt(*["x"] * sts.MFA_TYPOS)
+    with pytest.raises(MfaError, match="6-digit"):
+        sts.new_session(profile(), sts.MfaSource(profile(), prompt=prompt), stub.factory)
+    assert len(prompt.texts) == sts.MFA_TYPOS
+
+
 def test_refused_code_is_asked_again_and_the_next_one_used(stub):
     stub.refuse_mfa()
     stub.stubber.add_response(
