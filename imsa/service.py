@@ -27,6 +27,13 @@ IMDS_THREADS = 8
 CONTROL_THREADS = 2
 # A client that sends nothing for this long is dropped; waitress buffers requests, so slow clients cost no thread.
 CHANNEL_TIMEOUT = 30
+# The IMDS listener's waitress settings in one place: scripts/bench.py runs its Flask baseline with the same ones.
+# clear_untrusted_proxy_headers=False: waitress would otherwise delete X-Forwarded-For before the app can
+# refuse a token PUT that carries it. No proxy is trusted (trusted_proxy unset), so REMOTE_ADDR stays the peer.
+IMDS_SERVER_OPTIONS = dict(
+    threads=IMDS_THREADS, ident="imsa", channel_timeout=CHANNEL_TIMEOUT, asyncore_use_poll=True,
+    max_request_header_size=16384, max_request_body_size=65536, clear_untrusted_proxy_headers=False,
+)
 STOP_DELAY = 0.2
 # The systemd unit hands the listening socket over as fd 3 (socket activation).
 SD_LISTEN_FDS_START = 3
@@ -347,12 +354,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
     control_app = control.create_app(store, uid, info, stop_soon)
     shared_map = {}
     common = dict(map=shared_map, ident="imsa", channel_timeout=CHANNEL_TIMEOUT, asyncore_use_poll=True)
-    # clear_untrusted_proxy_headers=False: waitress would otherwise delete X-Forwarded-For before the app can
-    # refuse a token PUT that carries it. No proxy is trusted (trusted_proxy unset), so REMOTE_ADDR stays the peer.
-    imds_server = create_server(
-        imds_app, sockets=[tcp], threads=IMDS_THREADS, max_request_header_size=16384,
-        max_request_body_size=65536, clear_untrusted_proxy_headers=False, **common,
-    )
+    imds_server = create_server(imds_app, sockets=[tcp], map=shared_map, **IMDS_SERVER_OPTIONS)
     control_server = create_server(
         control_app, sockets=[unix], threads=CONTROL_THREADS, max_request_header_size=16384,
         max_request_body_size=1 << 20, **common,
