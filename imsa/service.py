@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import pwd
+import resource
 import signal
 import socket
 import stat
@@ -290,6 +291,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
 
     host, port = parse_listen(listen)
     uid, gid = target_user(user)
+    _no_core_dumps()
     is_root = os.geteuid() == 0
     if not is_root and os.geteuid() != uid:
         raise UsageError("only root can start the service for another user")
@@ -387,6 +389,14 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
         if added_alias and os.geteuid() == 0:
             remove_alias(host)
     return 0
+
+
+def _no_core_dumps():
+    """A core dump of the service would hold live credentials: allow none."""
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as error:  # a seccomp filter may refuse; systemd's LimitCORE=0 covers that case
+        log.debug("could not disable core dumps: %s", error)
 
 
 def _unlink(path):

@@ -70,6 +70,14 @@ def _socket_fds(pid):
     return found
 
 
+def _core_limit(pid):
+    with open(f"/proc/{pid}/limits") as handle:
+        for line in handle:
+            if line.startswith("Max core file size"):
+                return line.split()[4]
+    return None
+
+
 def _lo_addresses():
     return subprocess.run(["ip", "-o", "address", "show", "dev", "lo"], capture_output=True, text=True).stdout
 
@@ -126,7 +134,7 @@ def real_address():
             listen=status["listen"], alias_added=status["alias_added"], alias_up=IMDS_IP in _lo_addresses(),
             server_uids=[int(x) for x in server_ids["Uid"]], server_gids=[int(x) for x in server_ids["Gid"]],
             server_groups=server_ids.get("Groups", []), waiter_uid=int(_ids(waiter)["Uid"][0]),
-            waiter_sockets=_socket_fds(waiter),
+            waiter_sockets=_socket_fds(waiter), server_core_limit=_core_limit(pid),
         )
         assume = _as_user(user, [sys.executable, "-m", "imsa", "assume", "a", "--mfa-token", MFA_CODE], env)
         result["assume"] = [assume.returncode, assume.stderr]

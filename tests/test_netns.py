@@ -47,6 +47,7 @@ def test_sudo_start_serves_the_real_address_as_the_user_and_stop_removes_the_ali
     assert result["server_groups"] in ([], ["65534"])
     # The root process that stays behind only waits to remove the alias: it holds no socket at all.
     assert result["waiter_uid"] == 0 and result["waiter_sockets"] == 0
+    assert result["server_core_limit"] == "0"
     assert result["assume"][0] == 0, result["assume"]
     assert result["aws"][0] == 0, result["aws"]
     assert result["aws"][1] == "arn:aws:sts::123456789012:assumed-role/role-a/netns-a"
