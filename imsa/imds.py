@@ -9,6 +9,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -39,6 +40,9 @@ class TokenTable:
         self._limit = limit
         self._lock = threading.Lock()
         self._tokens = collections.OrderedDict()
+        # No token expires before this (a lower bound), so a full table is swept only once one may have expired:
+        # sweeping on every PUT cost O(limit) under the lock once SDKs had asked for MAX_TOKENS tokens.
+        self._next_expiry = math.inf
 
     def issue(self, ttl):
         """A new token valid for *ttl* seconds."""
@@ -46,14 +50,26 @@ class TokenTable:
         secret = secrets.token_urlsafe(32)
         digest = hashlib.sha256(secret.encode()).digest()
         now = self._clock()
+        expiry = now + ttl
         with self._lock:
             if len(self._tokens) >= self._limit:
-                for key in [k for k, (_, expiry) in self._tokens.items() if expiry <= now]:
-                    del self._tokens[key]
+                if now >= self._next_expiry:
+                    self._drop_expired(now)
                 while len(self._tokens) >= self._limit:
                     self._tokens.popitem(last=False)
-            self._tokens[token_id] = (digest, now + ttl)
+            self._tokens[token_id] = (digest, expiry)
+            self._next_expiry = min(self._next_expiry, expiry)
         return token_id + secret
+
+    def _drop_expired(self, now):
+        """Delete expired tokens and note when the next one expires (call with the lock held)."""
+        next_expiry = math.inf
+        for key, (_, expiry) in list(self._tokens.items()):
+            if expiry <= now:
+                del self._tokens[key]
+            elif expiry < next_expiry:
+                next_expiry = expiry
+        self._next_expiry = next_expiry
 
     def valid(self, token):
         """True for an issued token that has not expired."""
