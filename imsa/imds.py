@@ -4,6 +4,7 @@ Never imports boto3: it reads a snapshot of the store and nothing else, so every
 """
 
 import collections
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -30,6 +31,7 @@ _TOKEN_ID_LEN = 16
 _TTL_VALUE = re.compile(r"^[0-9]{1,5}$")
 
 CREDENTIALS_PATH = "/latest/meta-data/iam/security-credentials"
+_TOKEN_ENVIRON = "HTTP_" + TOKEN_HEADER.upper().replace("-", "_")
 
 
 class TokenTable:
@@ -121,6 +123,8 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
     tokens = tokens if tokens is not None else TokenTable()
     hosts = allowed_hosts(host, port)
     listen_ip = ipaddress.ip_address(host) if _is_ip(host) else None
+    # Peers are a handful of addresses (127.0.0.1 nearly always): parse each once, not on every request.
+    peer_allowed = functools.lru_cache(maxsize=256)(functools.partial(_peer_allowed, listen_ip=listen_ip))
     instance_id = instance_id or "i-" + secrets.token_hex(8)[:17]
     app.config["imsa.tokens"] = tokens
 
@@ -130,26 +134,21 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
 
     @app.before_request
     def guards():
+        # Every SDK call goes through here: read the WSGI environ once, as a plain dict (scripts/bench.py).
+        environ = request.environ
         # Peer filter: only this machine. A local client reaches 169.254.169.254 *from* that address; anything
         # else (a container on a bridge, another host routed here) must never get the owner's credentials.
-        peer = request.environ.get("REMOTE_ADDR", "")
-        try:
-            peer_ip = ipaddress.ip_address(peer.split("%", 1)[0])
-        except ValueError:
-            return refuse(403, "peer address not allowed")
-        if getattr(peer_ip, "ipv4_mapped", None):
-            peer_ip = peer_ip.ipv4_mapped
-        if not (peer_ip.is_loopback or peer_ip == listen_ip):
+        if not peer_allowed(environ.get("REMOTE_ADDR", "")):
             return refuse(403, "peer address not allowed")
         # Host pin: DNS rebinding makes a browser send a page's own name (or another address) as Host.
-        if request.environ.get("HTTP_HOST", "").lower() not in hosts:
+        if environ.get("HTTP_HOST", "").lower() not in hosts:
             return refuse(403, "Host header not allowed")
         # Browsers add Origin/Referer; SDKs never do. Refusing them stops cross-site requests outright.
-        if "HTTP_ORIGIN" in request.environ or "HTTP_REFERER" in request.environ:
+        if "HTTP_ORIGIN" in environ or "HTTP_REFERER" in environ:
             return refuse(403, "browser requests not allowed")
-        if request.method == "PUT" or request.path == "/latest/api/token":
+        if environ.get("REQUEST_METHOD") == "PUT" or environ.get("PATH_INFO") == "/latest/api/token":
             return None
-        token = request.headers.get(TOKEN_HEADER)
+        token = environ.get(_TOKEN_ENVIRON)
         if token is not None:
             if not tokens.valid(token):
                 return refuse(401, "invalid or expired token")
@@ -204,7 +203,20 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
                 f"{format_time(creds.expiration)}; run: imsa assume {snapshot.spec.profile}",
             }
             return _text(json.dumps(body, indent=2))
-        return _text(json.dumps(creds.to_imds(), indent=2))
+        return _text(credentials_json(snapshot))
+
+    # The last credentials answer and the snapshot it was made from: json.dumps with indent runs in pure Python
+    # and cost more than the rest of the request (scripts/bench.py), so it is made once per snapshot.
+    last_rendered = [(None, None)]
+
+    def credentials_json(snapshot):
+        seen, body = last_rendered[0]
+        if seen is snapshot:
+            return body
+        body = json.dumps(snapshot.credentials.to_imds(), indent=2)
+        if snapshot.credentials.issued is not None:  # else LastUpdated is "now" and changes on every request
+            last_rendered[0] = (snapshot, body)
+        return body
 
     @app.route("/latest/meta-data/iam/info")
     def iam_info():
@@ -275,6 +287,17 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
         return _text("Internal Server Error\n", 500)
 
     return app
+
+
+def _peer_allowed(peer, listen_ip):
+    """True for a loopback peer or the listen address itself (IPv4-mapped IPv6 counts as IPv4)."""
+    try:
+        peer_ip = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return False
+    if getattr(peer_ip, "ipv4_mapped", None):
+        peer_ip = peer_ip.ipv4_mapped
+    return peer_ip.is_loopback or peer_ip == listen_ip
 
 
 def _is_ip(host):
