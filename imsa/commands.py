@@ -7,7 +7,6 @@ import datetime
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 
@@ -139,6 +138,8 @@ def export(name, fmt="sh", mfa_token=None, io=None, client=None, prompt=None, st
 
 def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None, debug=False):
     """Start the service; in the background unless *foreground*, returning once it answers."""
+    import subprocess  # only here: status and export stay light
+
     from imsa import service
 
     io = io or Io()

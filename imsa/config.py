@@ -1,8 +1,7 @@
 """~/.imsa: YAML profiles validated once into frozen Profile objects; also where the control socket lives."""
 
-import difflib
-import getpass
-import hashlib
+# difflib, getpass and hashlib are imported where they are used: imsa status and imsa export import this module.
+
 import os
 import re
 import stat
@@ -59,6 +58,8 @@ def config_path():
 
 def default_session_name():
     """``imsa-<user>``, cut to the characters and length STS accepts."""
+    import getpass
+
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
@@ -87,6 +88,8 @@ class Profile:
     @property
     def fingerprint(self):
         """Names the MFA session this profile uses: a hash of key id and MFA serial, never of the secret."""
+        import hashlib
+
         text = f"{self.aws_access_key_id}\0{self.mfa_serial_number or ''}"
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -130,6 +133,8 @@ class Config:
     def get(self, name):
         """The resolved profile *name*; ConfigError if unknown or incomplete."""
         if name not in self._raw:
+            import difflib
+
             hint = difflib.get_close_matches(name, self.names, n=1)
             suffix = f" (did you mean {hint[0]!r}?)" if hint else f" (profiles: {', '.join(self.names) or 'none'})"
             raise ConfigError(f"{self.path}: no profile {name!r}{suffix}")
@@ -241,6 +246,8 @@ def load(path=None, warn=None):
             continue
         for key, value in settings.items():
             if key not in KNOWN_KEYS:
+                import difflib
+
                 hint = difflib.get_close_matches(str(key), KNOWN_KEYS, n=1)
                 suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
                 problems.append(f"{config._where(name, key)}: unknown key{suffix}")
