@@ -291,16 +291,43 @@ def _cycles(config, raw):
     return problems
 
 
-def profile_names(path=None):
-    """Profile names for shell completion: a cheap parse, never an error."""
-    try:
-        import yaml
+# A top-level key written the way profile names are; any other line in column 0 needs the YAML parser.
+_PLAIN_KEY = re.compile(r"^([A-Za-z_][\w.@+=-]*)[ \t]*:(?:[ \t].*)?$")
+# Plain words that YAML 1.1 reads as booleans or null, not as names.
+_YAML_WORDS = frozenset(("y", "yes", "n", "no", "true", "false", "on", "off", "null"))
 
+
+def _plain_top_level_keys(text):
+    """The top-level keys of a plainly written file, or None when some line needs the real YAML parser."""
+    names = set()
+    for line in text.splitlines():
+        if not line.strip() or line.startswith((" ", "#")):
+            continue
+        match = _PLAIN_KEY.match(line)
+        if not match or match.group(1).lower() in _YAML_WORDS:
+            return None
+        names.add(match.group(1))
+    return names
+
+
+def profile_names(path=None):
+    """Profile names for shell completion: a cheap parse, never an error.
+
+    Importing PyYAML is about a third of a completion's time (scripts/bench.py), so a plainly written file's
+    top-level keys are read line by line; anything unusual goes to the YAML parser.
+    """
+    try:
         with open(path or config_path(), encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
+            text = handle.read()
+        names = _plain_top_level_keys(text)
+        if names is None:
+            import yaml
+
+            raw = yaml.safe_load(text)
+            names = [name for name in raw if isinstance(name, str)] if isinstance(raw, dict) else []
     except Exception:  # completion must never fail loudly
         return []
-    return sorted(name for name in raw if isinstance(name, str)) if isinstance(raw, dict) else []
+    return sorted(names)
 
 
 # --- where the control socket lives (the CLI and the service use the same lookup) ---
