@@ -101,13 +101,15 @@ class StsServer:
         return self.actions(since).count(action)
 
 
-def start_sts(mfa_code=MFA_CODE):
-    """Start tests/sts_server.py as its own process and wait for its JSON line."""
+def start_sts(mfa_code=MFA_CODE, extra_args=()):
+    """Start tests/sts_server.py as its own process and wait for its JSON line; *extra_args* are its knobs
+    (``--role-lifetime``, ``--session-lifetime``, ``--issued-log``: see its docstring). Stop it by its PID."""
     recording = tempfile.NamedTemporaryFile(prefix="imsa-sts-", suffix=".jsonl", delete=False).name
     env = dict(os.environ, MOTO_ENABLE_RECORDING="1", MOTO_RECORDER_FILEPATH=recording)
     argv = [sys.executable, os.path.join(HERE, "sts_server.py")]
     if mfa_code:
         argv += ["--mfa-code", mfa_code]
+    argv += list(extra_args)
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
     line = process.stdout.readline()
     if not line:

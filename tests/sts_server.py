@@ -11,6 +11,15 @@ point — would always fail. Two additions close that gap, nothing is loosened:
 - the authenticator accepts those credentials *with their token*, verifies the signature with their secret, and
   applies the owning user's policies, as AWS does for session credentials.
 With ``--mfa-code CODE`` GetSessionToken also refuses any other TokenCode, with AWS's AccessDenied text.
+
+Knobs of the fake STS itself (imsa is not touched), for the fault and soak tests:
+- ``--role-lifetime SECONDS``: every AssumeRole answer expires this many seconds after it is issued, whatever
+  DurationSeconds asked for (STS's minimum is 900 s); imsa rotates at half the lifetime, so rotations take seconds.
+- ``--session-lifetime SECONDS``: the same for GetSessionToken (the MFA session).
+- ``--issued-log PATH``: append one JSON line per credentials issued (``action``, ``AccessKeyId``,
+  ``SecretAccessKey``, ``SessionToken``, ``Expiration``), so a test can check that every triple IMDS served
+  came, whole, from one STS answer.
+Shortened expirations are whole seconds, as real STS sends them.
 """
 
 import argparse
@@ -32,7 +41,48 @@ def _random(alphabet, length):
     return "".join(secrets.choice(alphabet) for _ in range(length))
 
 
-def install_session_credentials(mfa_code):
+class Issued:
+    """Where issued credentials are logged (``--issued-log``), one JSON line each, written under a lock."""
+
+    def __init__(self, path):
+        self.path = path
+        self.lock = threading.Lock()
+
+    def record(self, action, key_id, secret, token, expiration):
+        """Append one issued triple (a no-op without --issued-log)."""
+        if not self.path:
+            return
+        line = json.dumps({
+            "action": action, "AccessKeyId": key_id, "SecretAccessKey": secret, "SessionToken": token,
+            "Expiration": expiration.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        })
+        with self.lock, open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+
+
+def _expires_in(seconds):
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    return now + datetime.timedelta(seconds=seconds)
+
+
+def install_role_knobs(role_lifetime, issued):
+    """Shorten AssumeRole lifetimes (--role-lifetime) and log every role triple issued (--issued-log)."""
+    from moto.sts.models import STSBackend
+
+    original = STSBackend.assume_role
+
+    def assume_role(self, *args, **kwargs):
+        role = original(self, *args, **kwargs)
+        if role_lifetime is not None:
+            role.expiration = _expires_in(role_lifetime).replace(tzinfo=role.expiration.tzinfo)
+        issued.record("AssumeRole", role.access_key_id, role.secret_access_key, role.session_token, role.expiration)
+        return role
+
+    STSBackend.assume_role = assume_role
+
+
+def install_session_credentials(mfa_code, session_lifetime=None, issued=None):
     """Patch moto so that GetSessionToken credentials are real, per-caller and authenticated."""
     from moto.core.responses import ActionResult
     from moto.iam import access_control
@@ -77,7 +127,12 @@ def install_session_credentials(mfa_code):
         key_id = "ASIA" + _random(string.ascii_uppercase + string.digits, 16)
         secret = _random(string.ascii_letters + string.digits, 40)
         token = _random(string.ascii_letters + string.digits, 300)
-        expiration = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=duration)
+        if session_lifetime is not None:
+            expiration = _expires_in(session_lifetime)
+        else:
+            expiration = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=duration)
+        if issued is not None:
+            issued.record("GetSessionToken", key_id, secret, token, expiration)
         sessions[key_id] = {"user": user.name if user else "unknown", "secret": secret, "token": token}
         return ActionResult({
             "Credentials": {
@@ -121,6 +176,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--mfa-code", default=None, help="the only TokenCode GetSessionToken accepts")
+    parser.add_argument("--role-lifetime", type=int, default=None, help="AssumeRole credentials expire after SECONDS")
+    parser.add_argument("--session-lifetime", type=int, default=None, help="GetSessionToken credentials expire after SECONDS")
+    parser.add_argument("--issued-log", default=None, help="append every issued triple to PATH as JSON lines")
     args = parser.parse_args()
 
     from moto import settings
@@ -130,7 +188,9 @@ def main():
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    install_session_credentials(args.mfa_code)
+    issued = Issued(args.issued_log)
+    install_session_credentials(args.mfa_code, args.session_lifetime, issued)
+    install_role_knobs(args.role_lifetime, issued)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=args.port, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
