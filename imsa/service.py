@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 from imsa import config
 from imsa.errors import ServiceError, UsageError
@@ -28,12 +29,22 @@ IMDS_THREADS = 8
 CONTROL_THREADS = 2
 # A client that sends nothing for this long is dropped; waitress buffers requests, so slow clients cost no thread.
 CHANNEL_TIMEOUT = 30
+# Slow clients (tests/test_attacks.py). waitress drops a connection only after CHANNEL_TIMEOUT of *silence*, so
+# a byte now and then held a half-sent request open for good; and it counts the connections of every listener in
+# the shared event loop against one limit (100), so ~100 such clients from any local process starved IMDS and
+# the owner's control socket alike. Now a request must be whole REQUEST_DEADLINE seconds after its first byte
+# (or after the connection opened, while nothing came); IMDS stops accepting at IMDS_CONNECTION_LIMIT, and the
+# control socket's limit is OWNER_CONNECTIONS above that, so the owner can always get in to see and stop it.
+REQUEST_DEADLINE = 10
+IMDS_CONNECTION_LIMIT = 500
+OWNER_CONNECTIONS = 64
 # The IMDS listener's waitress settings in one place: scripts/bench.py runs its Flask baseline with the same ones.
 # clear_untrusted_proxy_headers=False: waitress would otherwise delete X-Forwarded-For before the app can
 # refuse a token PUT that carries it. No proxy is trusted (trusted_proxy unset), so REMOTE_ADDR stays the peer.
 IMDS_SERVER_OPTIONS = dict(
     threads=IMDS_THREADS, ident="imsa", channel_timeout=CHANNEL_TIMEOUT, asyncore_use_poll=True,
     max_request_header_size=16384, max_request_body_size=65536, clear_untrusted_proxy_headers=False,
+    connection_limit=IMDS_CONNECTION_LIMIT,
 )
 STOP_DELAY = 0.2
 # The systemd unit hands the listening socket over as fd 3 (socket activation).
@@ -145,6 +156,35 @@ def _peer_cred_channel():
             super().__init__(server, sock, addr, adj, map)
 
     return PeerCredChannel
+
+
+def _deadline_channel():
+    """A waitress channel class that closes a connection whose request is not whole REQUEST_DEADLINE seconds after
+    its first byte (or after the connection opened, while it sends nothing): slow clients cannot hold a slot."""
+    from waitress.channel import HTTPChannel
+
+    class DeadlineChannel(HTTPChannel):
+        def __init__(self, server, sock, addr, adj, map=None):
+            self.request_began = time.monotonic()
+            super().__init__(server, sock, addr, adj, map)
+
+        def received(self, data):
+            if self.request is None and self.request_began is None:
+                self.request_began = time.monotonic()
+            done = super().received(data)
+            if self.request is None:  # everything received so far made whole requests
+                self.request_began = None
+            return done
+
+        def readable(self):
+            # The event loop asks every channel at least once a second (its poll timeout), so this is the clock.
+            began = self.request_began
+            if began is not None and not self.will_close and time.monotonic() - began > REQUEST_DEADLINE:
+                log.debug("closing a connection from %s: no whole request within %d s", self.addr, REQUEST_DEADLINE)
+                self.will_close = True
+            return super().readable()
+
+    return DeadlineChannel
 
 
 # --- the IMDS socket, the alias and privileges ---
@@ -355,8 +395,11 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
     imds_app = imds.create_app(store.served, host, port, require_token=not allow_imdsv1)
     control_app = control.create_app(store, uid, info, stop_soon)
     shared_map = {}
-    common = dict(map=shared_map, ident="imsa", channel_timeout=CHANNEL_TIMEOUT, asyncore_use_poll=True)
+    # Every server here counts the connections of all of them (one map); the owner's get room above IMDS's limit.
+    common = dict(map=shared_map, ident="imsa", channel_timeout=CHANNEL_TIMEOUT, asyncore_use_poll=True,
+                  connection_limit=IMDS_CONNECTION_LIMIT + OWNER_CONNECTIONS)
     imds_server = create_server(imds_app, sockets=[tcp], map=shared_map, **IMDS_SERVER_OPTIONS)
+    imds_server.channel_class = _deadline_channel()
     control_server = create_server(
         control_app, sockets=[unix], threads=CONTROL_THREADS, max_request_header_size=16384,
         max_request_body_size=1 << 20, **common,
