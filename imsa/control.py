@@ -27,7 +27,8 @@ class BadRequest(Exception):
 
 
 def create_app(store, owner_uid, info, on_stop):
-    """The control Flask app; *info* is a dict merged into status, *on_stop* ends the service."""
+    """The control Flask app; *info* is a dict merged into status (a callable value is called each time), *on_stop*
+    ends the service."""
     app = Flask("imsa.control")
 
     @app.before_request
@@ -78,7 +79,7 @@ def create_app(store, owner_uid, info, on_stop):
     @app.get("/status")
     def status():
         data = store.status()
-        data.update(info)
+        data.update({key: value() if callable(value) else value for key, value in info.items()})
         return jsonify(data)
 
     @app.get("/sessions/<fingerprint>")

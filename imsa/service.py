@@ -393,6 +393,8 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
         threading.Timer(STOP_DELAY, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
     imds_app = imds.create_app(store.served, host, port, require_token=not allow_imdsv1)
+    # How many IMDSv2 tokens are held (bounded by imds.MAX_TOKENS): read at each status request.
+    info["imds_tokens"] = imds_app.config["imsa.tokens"].__len__
     control_app = control.create_app(store, uid, info, stop_soon)
     shared_map = {}
     # Every server here counts the connections of all of them (one map); the owner's get room above IMDS's limit.
