@@ -158,5 +158,146 @@ def real_address():
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+CONTAINER_CLIENT = r"""
+import json, socket, sys
+sys.path.insert(0, sys.argv[1])
+from conftest import http
+
+HERE, IMDS_IP, SECRET, PHASE = sys.argv[1:5]
+results = {}
+
+
+def attempt(name, method, path, headers):
+    try:
+        status, _, body = http(IMDS_IP, 80, method, path, headers, host_header=IMDS_IP, timeout=3)
+        text = body.decode(errors="replace")
+        results[name] = [status, text[:200], SECRET in text]
+    except OSError as error:
+        results[name] = ["no connection", f"{type(error).__name__}: {error}", False]
+
+
+def spoofed(name, source):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
+    sock.settimeout(3)
+    try:
+        sock.bind((source, 0))
+        sock.connect((IMDS_IP, 80))
+        sock.sendall(b"PUT /latest/api/token HTTP/1.1\r\nHost: " + IMDS_IP.encode() + b"\r\n"
+                     b"X-aws-ec2-metadata-token-ttl-seconds: 60\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        data = sock.recv(65536).decode(errors="replace")
+        results[name] = [data.split(" ", 2)[1] if data else "closed", data[:200], SECRET in data]
+    except OSError as error:
+        results[name] = ["no connection", f"{type(error).__name__}: {error}", False]
+    finally:
+        sock.close()
+
+
+if PHASE == "plain":
+    attempt("token", "PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+    attempt("credentials", "GET", "/latest/meta-data/iam/security-credentials/role-a", {})
+    attempt("token_as_v1", "GET", "/latest/meta-data/iam/security-credentials/role-a",
+            {"X-aws-ec2-metadata-token": "x" * 60})
+    from botocore.utils import InstanceMetadataFetcher
+
+    fetcher = InstanceMetadataFetcher(timeout=2, num_attempts=1, config={"ec2_metadata_v1_disabled": False})
+    results["botocore"] = sorted(fetcher.retrieve_iam_role_credentials())
+else:
+    spoofed("spoofed_listen_address", IMDS_IP)
+    spoofed("spoofed_loopback", "127.0.0.9")
+print(json.dumps(results))
+"""
+
+
+def _wait_for_other_netns(pid, timeout=10):
+    import time
+
+    mine = os.readlink("/proc/self/ns/net")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.readlink(f"/proc/{pid}/ns/net") != mine:
+                return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError("the container namespace was not created")
+
+
+def container():
+    """A "container": a second network namespace joined to this one by a veth pair and routing 169.254.169.254
+    to this side, as Docker's bridge does. The service here serves role-a; the container must get nothing, even
+    when (root in its own namespace) it sends from the listen address or a loopback address, which the peer
+    filter would let through: the host's kernel drops those martian sources, and no SYN-ACK could reach it."""
+    import tempfile
+
+    import yaml
+
+    from conftest import MFA_CODE, MFA_SERIAL, run_imsa, start_service, start_sts, stop_process
+    from imdsv2 import service_credentials
+
+    host_side, container_side = "10.200.0.1", "10.200.0.2"
+    setup_lo(IMDS_IP)
+    sts = start_sts()
+    # `unshare -n sleep` keeps its pid: that pid's network namespace is the container's.
+    holder = subprocess.Popen(["unshare", "-n", "sleep", "120"], stdin=subprocess.DEVNULL)
+    service = None
+    try:
+        _wait_for_other_netns(holder.pid)
+        ns = ["nsenter", "-t", str(holder.pid), "-n"]
+
+        def inside(*argv):
+            subprocess.run(ns + list(argv), check=True, capture_output=True)
+
+        ip("link", "add", "imsa-veth0", "type", "veth", "peer", "name", "imsa-veth1", "netns", str(holder.pid))
+        ip("address", "add", f"{host_side}/24", "dev", "imsa-veth0")
+        ip("link", "set", "imsa-veth0", "up")
+        inside("ip", "link", "set", "lo", "up")
+        inside("ip", "address", "add", f"{container_side}/24", "dev", "imsa-veth1")
+        inside("ip", "link", "set", "imsa-veth1", "up")
+        inside("ip", "route", "add", "default", "via", host_side)
+
+        alice = sts.users["alice"]
+        with open(os.environ["IMSA_CONFIG"], "w") as handle:
+            yaml.safe_dump({
+                "base": {"aws_access_key_id": alice["aws_access_key_id"],
+                         "aws_secret_access_key": alice["aws_secret_access_key"], "mfa_serial_number": MFA_SERIAL},
+                "a": {"extends": "base", "role_arn": sts.roles["role-a"], "role_session_name": "host-a"},
+            }, handle)
+        os.chmod(os.environ["IMSA_CONFIG"], 0o600)
+        env = dict(os.environ, AWS_ENDPOINT_URL_STS=sts.endpoint)
+        service = start_service(["--listen", f"{IMDS_IP}:80"], env=env)
+        assumed = run_imsa("assume", "a", "--mfa-token", MFA_CODE, env=env)
+        if assumed.returncode != 0:
+            return {"assume": assumed.stderr}
+        role, creds = service_credentials(service)
+        secret = creds["SecretAccessKey"]
+        client_env = {"PATH": os.environ.get("PATH", ""), "HOME": tempfile.gettempdir(),
+                      "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+        results = {"host": [role, bool(secret)]}
+        for phase in ("plain", "spoof"):
+            if phase == "spoof":
+                # The listen address on the container's side yet routed out (its local route removed), and
+                # loopback sources allowed out of the container: what a hostile root in a container can do.
+                inside("ip", "address", "add", f"{IMDS_IP}/32", "dev", "imsa-veth1")
+                inside("ip", "route", "del", "local", IMDS_IP, "dev", "imsa-veth1", "table", "local")
+                for knob in ("all", "imsa-veth1"):
+                    inside("sysctl", "-qw", f"net.ipv4.conf.{knob}.route_localnet=1")
+            done = subprocess.run(ns + [sys.executable, "-c", CONTAINER_CLIENT, HERE, IMDS_IP, secret, phase],
+                                  capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env=client_env)
+            if done.returncode != 0:
+                results["client_failed"] = done.stderr[-2000:]
+                return results
+            results.update(json.loads(done.stdout.strip().splitlines()[-1]))
+        log = service.log()
+        results["log_peer"] = f"from {container_side}: peer address not allowed" in log
+        results["log_has_secret"] = secret in log
+        return results
+    finally:
+        if service is not None:
+            stop_process(service.process)
+        stop_process(holder)
+        stop_process(sts.process)
+
 if __name__ == "__main__":
     print(json.dumps(globals()[sys.argv[1]]()))

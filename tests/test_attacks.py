@@ -1,0 +1,333 @@
+"""Attacks over real sockets, each refused with its documented status and nothing leaked.
+
+tests/test_imds.py already covers DNS rebinding (Host), Origin/Referer, X-Forwarded-For, bad TTLs, tokenless,
+forged, truncated and expired tokens, and tests/test_control.py the control socket (another uid, non-JSON
+bodies, GET for state changes, no control route on TCP, a stale socket). This module adds what needs more
+machinery: flooding the token table, a "container" in a second network namespace, oversized requests and
+slow clients. README "Security" lists every attack and the status it gets.
+"""
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import http
+from imdsv2 import CREDS, TOKEN, TOKEN_PATH, TTL, put_token, service_credentials
+from imsa import imds, service as imsa_service
+from test_netns import _can_unshare, run_scenario
+
+needs_netns = pytest.mark.skipif(not _can_unshare(), reason="needs root, unshare(1) and ip(8) to make a network namespace")
+
+
+def rss_kib(pid):
+    """Resident memory of *pid* in KiB."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def read_response(reader):
+    """One HTTP/1.1 response from a buffered reader: (status, body)."""
+    status_line = reader.readline()
+    if not status_line:
+        raise ConnectionError("closed")
+    length = 0
+    while True:
+        line = reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    return int(status_line.split()[1]), reader.read(length)
+
+
+def pipelined(host, port, request, count, timeout=60):
+    """Send *request* *count* times on one keep-alive connection (a writer thread, so neither side blocks) and
+    return the statuses and bodies in order."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        writer = threading.Thread(target=lambda: sock.sendall(request * count), daemon=True)
+        writer.start()
+        reader = sock.makefile("rb")
+        answers = [read_response(reader) for _ in range(count)]
+        writer.join(timeout)
+        return answers
+    finally:
+        sock.close()
+
+
+def flood_tokens(service, count, connections=4):
+    """Ask for *count* tokens (TTL 21600, the longest) over a few pipelined connections; the tokens issued."""
+    request = (f"PUT {TOKEN_PATH} HTTP/1.1\r\nHost: {service.host}:{service.port}\r\n{TTL}: 21600\r\n"
+               "Content-Length: 0\r\n\r\n").encode()
+    results = [None] * connections
+
+    def one(index):
+        results[index] = pipelined(service.host, service.port, request, count // connections)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    tokens = []
+    for answers in results:
+        assert answers is not None, "a flooding connection did not finish"
+        assert {status for status, _ in answers} == {200}
+        tokens.extend(body.decode() for _, body in answers)
+    return tokens
+
+
+# --- the token table ---
+
+
+def test_a_token_flood_keeps_the_table_and_memory_bounded(active_service):
+    svc = active_service
+    oldest = put_token(svc.host, svc.port)
+    before = rss_kib(svc.pid)
+    flood_tokens(svc, imds.MAX_TOKENS + 2000)
+    assert svc.client.status()["imds_tokens"] == imds.MAX_TOKENS
+    full = rss_kib(svc.pid)
+    flood_tokens(svc, imds.MAX_TOKENS)
+    assert svc.client.status()["imds_tokens"] == imds.MAX_TOKENS
+    after = rss_kib(svc.pid)
+    # A full table costs a few MB; a second flood of the same size must not add to it.
+    assert full - before < 48 * 1024, (before, full)
+    assert after - full < 8 * 1024, (full, after)
+    # The oldest token made room (its client gets 401 and asks again, as every SDK does); new clients are served.
+    assert http(svc.host, svc.port, "GET", CREDS, {TOKEN: oldest})[0] == 401
+    assert service_credentials(svc)[0] == "role-a"
+
+
+# --- a container: a peer in another network namespace ---
+
+
+@needs_netns
+def test_a_container_behind_a_veth_pair_gets_nothing(isolated_env):
+    results = run_scenario("container")
+    assert "assume" not in results and "client_failed" not in results, results
+    assert results["host"] == ["role-a", True], "the host itself is served"
+    for name in ("token", "credentials", "token_as_v1"):
+        status, body, leaked = results[name]
+        assert status == 403 and "peer address not allowed" in body, (name, results[name])
+        assert not leaked
+    for name in ("spoofed_listen_address", "spoofed_loopback"):
+        status, _, leaked = results[name]
+        assert status in ("no connection", "403"), (name, results[name])
+        assert not leaked
+    assert results["botocore"] == [], "an SDK in the container finds no credentials"
+    assert results["log_peer"] and not results["log_has_secret"]
+
+
+# --- oversized requests ---
+
+
+def exchange(connect, request, body_sender=None, timeout=10):
+    """Send *request* on a fresh connection (and stream a body from *body_sender* in a thread, ignoring a server
+    that closes early); return (status, response bytes)."""
+    sock = connect()
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(request)
+        if body_sender is not None:
+            threading.Thread(target=body_sender, args=(sock,), daemon=True).start()
+        data = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+            if b"\r\n\r\n" in data and len(data) > 4096:
+                break
+    finally:
+        sock.close()
+    return int(data.split(b" ", 2)[1]), data
+
+
+def _quietly_send(data):
+    def send(sock):
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass
+    return send
+
+
+def _connect_imds(svc):
+    return lambda: socket.create_connection((svc.host, svc.port))
+
+
+def _connect_control(svc):
+    def connect():
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(svc.socket)
+        return sock
+    return connect
+
+
+LISTENERS = {
+    # listener: (connect, path, Host, header limit, body limit)
+    "imds": (_connect_imds, CREDS, None, imsa_service.IMDS_SERVER_OPTIONS["max_request_header_size"],
+             imsa_service.IMDS_SERVER_OPTIONS["max_request_body_size"]),
+    "control": (_connect_control, "/activate", "localhost", 16384, 1 << 20),
+}
+
+
+@pytest.mark.parametrize("listener", sorted(LISTENERS))
+def test_oversized_headers_get_431(active_service, listener):
+    svc = active_service
+    connect, path, host, header_limit, _ = LISTENERS[listener]
+    _, creds = service_credentials(svc)
+    token = put_token(svc.host, svc.port)
+    host = host or f"{svc.host}:{svc.port}"
+    request = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{TOKEN}: {token}\r\nX-Pad: {'a' * header_limit}\r\n"
+               "Connection: close\r\n\r\n").encode()
+    status, data = exchange(connect(svc), request)
+    assert status == 431
+    assert creds["SecretAccessKey"].encode() not in data
+    assert svc.client.status()["pid"] == svc.pid
+
+
+@pytest.mark.parametrize("listener", sorted(LISTENERS))
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_oversized_bodies_get_413(active_service, listener, framing):
+    svc = active_service
+    connect, _, host, _, body_limit = LISTENERS[listener]
+    _, creds = service_credentials(svc)
+    host = host or f"{svc.host}:{svc.port}"
+    method, path = ("PUT", TOKEN_PATH) if listener == "imds" else ("POST", "/activate")
+    size = body_limit + 1024
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{TTL}: 60\r\nContent-Type: application/json\r\n"
+    if framing == "content-length":
+        request = (head + f"Content-Length: {size}\r\nConnection: close\r\n\r\n").encode()
+        body = b"x" * size
+    else:
+        request = (head + "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()
+        chunk = b"x" * 16384
+        body = (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * (size // len(chunk) + 1) + b"0\r\n\r\n"
+    status, data = exchange(connect(svc), request, _quietly_send(body))
+    assert status == 413
+    assert creds["SecretAccessKey"].encode() not in data
+    assert service_credentials(svc)[1]["AccessKeyId"] == creds["AccessKeyId"]
+
+
+# --- slow clients ---
+
+HALF_REQUEST = b"PUT /latest/api/token HTTP/1.1\r\nHost: 127.0.0.1\r\nX-aws-ec2-metadata-token-ttl-"
+
+
+def open_slow_clients(svc, count, send=HALF_REQUEST):
+    """*count* connections that send *send* (half a request, or nothing) and then stall."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection((svc.host, svc.port), timeout=5)
+        if send:
+            sock.sendall(send)
+        sockets.append(sock)
+    return sockets
+
+
+def closed_by_server(sock):
+    """True once the server has closed this connection (EOF or reset), without waiting."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1024) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+def timed_sequence(svc, budget=1.0):
+    """A whole IMDSv2 credentials fetch, which must finish within *budget* seconds (an SDK's timeout is 1 s)."""
+    started = time.monotonic()
+    role, creds = service_credentials(svc, timeout=budget)
+    elapsed = time.monotonic() - started
+    assert elapsed < budget * 3, elapsed
+    return role, creds
+
+
+def test_fifty_stalled_half_requests_do_not_stop_others(active_service):
+    svc = active_service
+    sockets = open_slow_clients(svc, 50)
+    try:
+        time.sleep(0.3)
+        for _ in range(3):
+            assert timed_sequence(svc)[0] == "role-a"
+        assert svc.client.status()["pid"] == svc.pid
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_regression_slow_clients_past_waitress_connection_limit_starved_every_listener(active_service):
+    # waitress counts the connections of every listener sharing one event loop against one limit of 100: 100
+    # half-sent requests from any local process stopped IMDS *and* the owner's control socket (both timed out).
+    svc = active_service
+    sockets = open_slow_clients(svc, 150) + open_slow_clients(svc, 150, send=b"")
+    try:
+        time.sleep(0.3)
+        assert timed_sequence(svc)[0] == "role-a"
+        assert svc.client.status()["pid"] == svc.pid
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_regression_a_trickling_client_held_its_connection_forever(active_service):
+    # waitress drops a connection only after channel_timeout of *silence*: one byte every few seconds kept a
+    # half-sent request (and its slot) open for good. Now a request must be whole within REQUEST_DEADLINE.
+    svc = active_service
+    deadline = imsa_service.REQUEST_DEADLINE
+    sockets = open_slow_clients(svc, 20, send=b"P")
+    idle = open_slow_clients(svc, 5, send=b"")
+    try:
+        started = time.monotonic()
+        trickled = 0
+        while time.monotonic() - started < deadline + 3:
+            for sock in sockets:
+                if not closed_by_server(sock):
+                    try:
+                        sock.send(HALF_REQUEST[1 + trickled:2 + trickled] or b"X")
+                    except OSError:
+                        pass
+            trickled += 1
+            assert timed_sequence(svc)[0] == "role-a"
+            time.sleep(1)
+        assert all(closed_by_server(sock) for sock in sockets), "trickling clients are cut off"
+        assert all(closed_by_server(sock) for sock in idle), "connections that never send are cut off too"
+    finally:
+        for sock in sockets + idle:
+            sock.close()
+
+
+def test_regression_a_full_imds_listener_locked_the_owner_out_of_the_control_socket(active_service):
+    # Past IMDS's own connection limit, IMDS may wait (a local denial of service, README "Residual risks"), but
+    # the owner must still reach the control socket to see and stop the service, and IMDS must recover.
+    svc = active_service
+    limit = imsa_service.IMDS_CONNECTION_LIMIT
+    sockets = open_slow_clients(svc, limit + 20, send=b"")
+    try:
+        time.sleep(0.5)
+        assert svc.client.status()["pid"] == svc.pid
+        recovered = time.monotonic() + imsa_service.REQUEST_DEADLINE + 5
+        while True:
+            try:
+                assert timed_sequence(svc)[0] == "role-a"
+                break
+            except OSError:
+                assert time.monotonic() < recovered, "IMDS did not recover once the idle connections were cut"
+    finally:
+        for sock in sockets:
+            sock.close()
