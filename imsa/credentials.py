@@ -26,7 +26,10 @@ def parse_time(text):
     moment = datetime.datetime.fromisoformat(value)
     if moment.tzinfo is None:
         raise ValueError(f"timestamp {text!r} has no time zone")
-    return moment.astimezone(datetime.timezone.utc)
+    try:
+        return moment.astimezone(datetime.timezone.utc)
+    except OverflowError:  # e.g. year 1 at +01:00 is before year 1 in UTC; the control socket answered 500
+        raise ValueError(f"timestamp {text!r} is out of range") from None
 
 
 def mask(key_id):
