@@ -42,7 +42,10 @@ def create_app(store, owner_uid, info, on_stop):
     def body():
         if request.mimetype != "application/json":
             raise BadRequest("Content-Type must be application/json", 415)
-        data = request.get_json(silent=True)
+        try:
+            data = request.get_json(silent=True)
+        except RecursionError:  # json.loads on very deep nesting; silent=True catches only ValueError
+            data = None
         if not isinstance(data, dict):
             raise BadRequest("the body must be a JSON object")
         return data
