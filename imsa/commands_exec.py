@@ -165,28 +165,35 @@ class TerminalOnlyPrompt:
 
     def __call__(self, text):
         """Show *text* on the terminal and return the line typed; MfaError (exit 4) when there is no terminal."""
-        try:
-            tty = open("/dev/tty", "r+", encoding="utf-8")
-        except OSError:
+        tty = _open_terminal()
+        if tty is None:
             raise MfaError(
                 f"profile {self.profile_name} needs an MFA code and there is no terminal to ask on; "
                 f"run `imsa assume {self.profile_name}` in a terminal first"
-            ) from None
+            )
         with tty:
-            tty.write(text)
-            tty.flush()
+            tty.write(text.encode("utf-8"))
             line = tty.readline()
         if not line:
             raise MfaError("no MFA code entered")
-        return line.strip()
+        return line.decode("utf-8", "replace").strip()
+
+
+def _open_terminal():
+    """The controlling terminal, unbuffered binary (a text-mode "r+" open of /dev/tty fails: it cannot seek); or None."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return None
+    return os.fdopen(fd, "r+b", buffering=0)
 
 
 def _terminal_available():
-    try:
-        with open("/dev/tty", "r+", encoding="utf-8"):
-            return True
-    except OSError:
+    tty = _open_terminal()
+    if tty is None:
         return False
+    tty.close()
+    return True
 
 
 def process_json(profile, creds):
