@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 EXEC_HOST = "127.0.0.1"
 CREDENTIALS_PATH = "/credentials"
-# The table is bounded; dead owners are reaped first, so only this many live ``imsa exec`` at once can be refused.
+# The table is bounded; dead owners are reaped before a new binding is refused, so only live ones count.
 MAX_BINDINGS = 1024
 # While bindings exist, the reaper looks for owners that died without revoking this often; with none it sleeps.
 REAP_EVERY = 2.0

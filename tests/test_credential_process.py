@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import MFA_CODE, run_imsa, write_config
+from conftest import MFA_CODE, write_config
 
 STAMP = "%Y-%m-%dT%H:%M:%SZ"
 

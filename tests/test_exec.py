@@ -12,7 +12,7 @@ import boto3
 import pytest
 from botocore.utils import ContainerMetadataFetcher
 
-from conftest import MFA_CODE, http, run_imsa, start_service, stop_process, write_config
+from conftest import MFA_CODE, http, run_imsa, stop_process, write_config
 from imsa.container import BindingError, BindingTable
 from imsa.store import RoleSpec
 
