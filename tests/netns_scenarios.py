@@ -299,6 +299,7 @@ def container():
         stop_process(holder)
         stop_process(sts.process)
 
+
 def exec_peer_filter():
     """The exec endpoint (127.0.0.1) refuses a client whose source address is another local address."""
     from conftest import http, start_service, stop_process
