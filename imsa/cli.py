@@ -49,7 +49,51 @@ def build_parser():
     export.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
     export.add_argument("--format", choices=("sh", "fish", "json"), default="sh", help="output format (default sh)")
     export.add_argument("--mfa-token", metavar="CODE", help="the 6-digit MFA code (else mfa_process or a prompt)")
+
+    run_as = commands.add_parser(
+        "exec", help="run a command with PROFILE's role (refreshed through a container-credentials endpoint)",
+        usage="imsa exec PROFILE [--mode ecs|static] [--mfa-token CODE] -- COMMAND [ARGS...]",
+    )
+    run_as.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
+    _add_exec_options(run_as)
+    run_as.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the command to run")
+
+    process = commands.add_parser(
+        "credential-process", help="print PROFILE's credentials for credential_process in ~/.aws/config"
+    )
+    process.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
+
+    console = commands.add_parser("console", help="open the AWS console signed in with PROFILE's role")
+    console.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
+    console.add_argument("--print", action="store_true", dest="print_url", help="print the sign-in URL instead of opening it")
+    console.add_argument("--duration", type=int, metavar="S", help="console session length in seconds, 900-43200")
+    console.add_argument("--destination", metavar="URL", help="the console page to land on")
+    console.add_argument("--mfa-token", metavar="CODE", help="the 6-digit MFA code (else mfa_process or a prompt)")
     return parser
+
+
+def _add_exec_options(parser):
+    parser.add_argument("--mode", choices=("ecs", "static"), default="ecs",
+                        help="ecs: refreshed through the service's endpoint (default); static: plain AWS_* variables")
+    parser.add_argument("--mfa-token", metavar="CODE", help="the 6-digit MFA code (else mfa_process or a prompt)")
+
+
+def _exec_command(args):
+    """Split ``imsa exec``'s remainder into options given after PROFILE and the command after ``--``."""
+    words = list(args.argv)
+    if words and words[0] == "--":
+        return words[1:]
+    if words and words[0].startswith("-"):
+        if "--" not in words:
+            from imsa.errors import UsageError
+
+            raise UsageError("put the command after --: imsa exec PROFILE [--mode ecs|static] -- COMMAND [ARGS...]")
+        split = words.index("--")
+        options = argparse.ArgumentParser(prog="imsa exec", add_help=False)
+        _add_exec_options(options)
+        options.parse_args(words[:split], namespace=args)
+        return words[split + 1:]
+    return words
 
 
 def run(args):
@@ -66,6 +110,19 @@ def run(args):
         return commands.assume(args.profile, args.mfa_token)
     if args.command == "export":
         return commands.export(args.profile, args.format, args.mfa_token)
+    if args.command == "exec":
+        from imsa import commands_exec
+
+        command = _exec_command(args)
+        return commands_exec.exec_command(args.profile, command, args.mode, args.mfa_token)
+    if args.command == "credential-process":
+        from imsa import commands_exec
+
+        return commands_exec.credential_process(args.profile)
+    if args.command == "console":
+        from imsa import commands_console
+
+        return commands_console.console(args.profile, args.print_url, args.duration, args.destination, args.mfa_token)
     raise AssertionError(args.command)
 
 

@@ -125,6 +125,14 @@ class Client:
         """Credentials for *spec* without changing what IMDS serves."""
         return self._call("POST", "/credentials", spec)
 
+    def create_binding(self, spec):
+        """A container-credentials binding for *spec*, owned by this process: {id, token, url, expiration}."""
+        return self._call("POST", "/bindings", spec)
+
+    def revoke_binding(self, binding_id):
+        """End a binding; None when the service no longer has it."""
+        return self._call("POST", "/bindings/revoke", {"id": binding_id}, missing_ok=True)
+
     def stop(self):
         """Ask the service to stop."""
         return self._call("POST", "/stop", {})

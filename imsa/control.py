@@ -26,9 +26,10 @@ class BadRequest(Exception):
         self.status = status
 
 
-def create_app(store, owner_uid, info, on_stop):
+def create_app(store, owner_uid, info, on_stop, bindings=None):
     """The control Flask app; *info* is a dict merged into status (a callable value is called each time), *on_stop*
-    ends the service."""
+    ends the service; *bindings* (a container.BindingTable) adds the routes of ``imsa exec``: POST /bindings and
+    POST /bindings/revoke."""
     app = Flask("imsa.control")
 
     @app.before_request
@@ -112,6 +113,34 @@ def create_app(store, owner_uid, info, on_stop):
     def credentials():
         spec = spec_from(body())
         return jsonify(store.credentials_for(spec).to_json())
+
+    if bindings is not None:
+        from imsa.container import BindingError
+
+        @app.post("/bindings")
+        def bind():
+            spec = spec_from(body())
+            # The binding lives as long as the process that asked for it: its pid comes from SO_PEERCRED, not
+            # from the body, so no caller can tie a token to some other long-lived process.
+            pid = request.environ.get("imsa.peer_pid")
+            if not isinstance(pid, int) or pid <= 0:
+                raise BadRequest("the caller's pid is not visible to the service (another pid namespace?); no binding")
+            creds = store.credentials_for(spec)  # STS errors surface now (502), not in the child's first call
+            try:
+                binding_id, token = bindings.create(spec, pid)
+            except BindingError as error:
+                raise BadRequest(str(error), 503) from None
+            return jsonify(id=binding_id, token=token, url=info.get("exec_endpoint"), profile=spec.profile,
+                           role_arn=spec.role_arn, expiration=format_time(creds.expiration))
+
+        @app.post("/bindings/revoke")
+        def revoke():
+            binding_id = body().get("id")
+            if not isinstance(binding_id, str) or not binding_id:
+                raise BadRequest("'id' must be a binding id")
+            if not bindings.revoke(binding_id):
+                return jsonify(error="no such binding"), 404
+            return jsonify(revoked=binding_id)
 
     @app.post("/stop")
     def stop():

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LISTEN = "169.254.169.254:80"
 IMDS_THREADS = 8
 CONTROL_THREADS = 2
+EXEC_THREADS = 4
 # A client that sends nothing for this long is dropped; waitress buffers requests, so slow clients cost no thread.
 CHANNEL_TIMEOUT = 30
 # Slow clients (tests/test_attacks.py). waitress drops a connection only after CHANNEL_TIMEOUT of *silence*, so
@@ -326,7 +327,7 @@ def configure_logging(level=logging.INFO):
 
 def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, store=None, ready=None):
     """Serve until SIGTERM/SIGINT or a control-plane stop; returns the exit status."""
-    from imsa import control, imds
+    from imsa import container, control, imds
     from imsa.store import Store
 
     host, port = parse_listen(listen)
@@ -358,6 +359,17 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
             remove_alias(host)
         raise ServiceError(f"control socket {path}: {error}") from None
     try:
+        # The container-credentials listener of `imsa exec`: 127.0.0.1 on an ephemeral port, bound with the others.
+        exec_tcp = bind_tcp(container.EXEC_HOST, 0)
+    except ServiceError:
+        tcp.close()
+        unix.close()
+        _unlink(path)
+        if added_alias:
+            remove_alias(host)
+        raise
+    exec_port = exec_tcp.getsockname()[1]
+    try:
         from waitress import wasyncore
         from waitress.server import create_server
 
@@ -366,7 +378,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
         # Everything is imported and the STS model loaded while the files are surely readable.
         sts.preload()
         if is_root:
-            if added_alias and _stay_to_remove_alias(host, (tcp, unix)):
+            if added_alias and _stay_to_remove_alias(host, (tcp, unix, exec_tcp)):
                 return 0
             drop_privileges(uid, gid)
         if 0 in os.getresuid():
@@ -374,6 +386,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
     except BaseException:
         tcp.close()
         unix.close()
+        exec_tcp.close()
         _unlink(path)
         if added_alias and os.geteuid() == 0:
             remove_alias(host)
@@ -387,6 +400,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
         "tokens_required": not allow_imdsv1,
         "alias_added": added_alias,
         "control_socket": path,
+        "exec_endpoint": container.endpoint_url(exec_port),
     }
 
     def stop_soon():
@@ -395,7 +409,10 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
     imds_app = imds.create_app(store.served, host, port, require_token=not allow_imdsv1)
     # How many IMDSv2 tokens are held (bounded by imds.MAX_TOKENS): read at each status request.
     info["imds_tokens"] = imds_app.config["imsa.tokens"].__len__
-    control_app = control.create_app(store, uid, info, stop_soon)
+    bindings = container.BindingTable(store)
+    info["bindings"] = bindings.status
+    control_app = control.create_app(store, uid, info, stop_soon, bindings=bindings)
+    exec_app = container.create_app(bindings, store.cached, exec_port)
     shared_map = {}
     # Every server here counts the connections of all of them (one map); the owner's get room above IMDS's limit.
     common = dict(map=shared_map, ident="imsa", channel_timeout=CHANNEL_TIMEOUT, asyncore_use_poll=True,
@@ -407,6 +424,13 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
         max_request_body_size=1 << 20, **common,
     )
     control_server.channel_class = _peer_cred_channel()
+    # Any local process can reach the exec endpoint, as it can IMDS: the same deadline and connection limit, so a
+    # flood there cannot take the owner's control socket down either.
+    exec_server = create_server(
+        exec_app, sockets=[exec_tcp], threads=EXEC_THREADS, max_request_header_size=16384,
+        max_request_body_size=65536, **dict(common, connection_limit=IMDS_CONNECTION_LIMIT),
+    )
+    exec_server.channel_class = _deadline_channel()
 
     def on_signal(signum, _frame):
         raise SystemExit(0)
@@ -414,9 +438,10 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     store.start()
+    bindings.start()
     log.info(
-        "serving IMDS on %s:%d (tokens %s) for uid %d; control socket %s",
-        host, port, "optional" if allow_imdsv1 else "required", uid, path,
+        "serving IMDS on %s:%d (tokens %s) for uid %d; control socket %s; exec endpoint %s",
+        host, port, "optional" if allow_imdsv1 else "required", uid, path, info["exec_endpoint"],
     )
     if ready is not None:
         ready(info)
@@ -426,8 +451,9 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
         pass
     finally:
         log.info("stopping")
+        bindings.stop()
         store.stop()
-        for server in (imds_server, control_server):
+        for server in (imds_server, control_server, exec_server):
             server.task_dispatcher.shutdown(timeout=2)
             server.close()
         _unlink(path)

@@ -200,6 +200,12 @@ class Store:
             else:
                 self._pins.pop(spec, None)
 
+    def cached(self, spec):
+        """What the store holds for *spec* (rotated by the refresher while active or pinned), never calling STS."""
+        with self._lock:
+            entry = self._entries.get(spec)
+            return entry.credentials if entry else None
+
     def served(self):
         """The active profile and its credentials as one snapshot, or None before any assume."""
         return self._served

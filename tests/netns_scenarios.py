@@ -299,5 +299,24 @@ def container():
         stop_process(holder)
         stop_process(sts.process)
 
+
+def exec_peer_filter():
+    """The exec endpoint (127.0.0.1) refuses a client whose source address is another local address."""
+    from conftest import http, start_service, stop_process
+
+    setup_lo(OUTSIDER_IP)
+    service = start_service()
+    try:
+        url = service.client.status()["exec_endpoint"]
+        port = int(url.split("/")[2].rsplit(":", 1)[1])
+        results = {}
+        for name, source in (("outsider", OUTSIDER_IP), ("loopback", "127.0.0.1")):
+            status, _, body = http("127.0.0.1", port, "GET", "/credentials", source=source)
+            results[name] = [status, body.decode(errors="replace")]
+        return results
+    finally:
+        stop_process(service.process)
+
+
 if __name__ == "__main__":
     print(json.dumps(globals()[sys.argv[1]]()))

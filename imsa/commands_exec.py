@@ -1,0 +1,227 @@
+"""``imsa exec`` and ``imsa credential-process``: one profile's credentials for one process, from the service's session.
+
+Plain functions returning exit codes, like commands.py: no argparse, no sys.exit, no Flask.
+"""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+
+from imsa import commands
+from imsa.client import Client
+from imsa.commands import Io, _default_profile_has_keys, _describe_left, _load_profile, ensure_session
+from imsa.credentials import Credentials, format_time
+from imsa.errors import EXIT_OK, ImsaError, MfaError, ServiceNotRunning, UsageError
+
+log = logging.getLogger(__name__)
+
+MODES = ("ecs", "static")
+# Removed from the child's environment: each would make an SDK use other credentials than the ones imsa hands it.
+# Environment keys and web identity come before container credentials in every SDK's chain; AWS_PROFILE picks a
+# profile of ~/.aws/config first; RELATIVE_URI wins over FULL_URI and a token file over the token variable.
+SHADOWING = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CREDENTIAL_EXPIRATION",
+    "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN", "AWS_ROLE_SESSION_NAME", "IMSA_PROFILE_EXPIRATION",
+)
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_NOT_FOUND = 127
+EXIT_CANNOT_RUN = 126
+
+
+class CommandNotRun(ImsaError):
+    """The command given to ``imsa exec`` could not be started; exit 127 (not found) or 126, as shells do."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def child_environment(base, profile, values):
+    """*base* without the variables that would shadow *values*, plus *values*, IMSA_PROFILE and the region."""
+    env = {key: value for key, value in base.items() if key not in SHADOWING}
+    env.update(values)
+    env["IMSA_PROFILE"] = profile.name
+    if profile.region:
+        env["AWS_REGION"] = profile.region
+        env["AWS_DEFAULT_REGION"] = profile.region
+    return env
+
+
+def _terminal_delivers_sigint():
+    """True when a terminal's Ctrl-C reaches the child by itself: it shares our process group, the foreground one.
+
+    Forwarding it as well would interrupt the child twice (a second KeyboardInterrupt inside its clean-up).
+    """
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def run_child(command, env, popen=subprocess.Popen):
+    """Run *command* with *env*, forwarding SIGINT/SIGTERM; its exit status, or 128+N when signal N ended it."""
+    state = {"child": None, "pending": []}
+
+    def forward(signum, _frame):
+        child = state["child"]
+        if child is None:
+            state["pending"].append(signum)
+            return
+        if signum == signal.SIGINT and _terminal_delivers_sigint():
+            return
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    try:
+        try:
+            state["child"] = popen(command, env=env)
+        except FileNotFoundError:
+            raise CommandNotRun(f"command not found: {command[0]}", EXIT_NOT_FOUND) from None
+        except PermissionError:
+            raise CommandNotRun(f"cannot run {command[0]}: permission denied", EXIT_CANNOT_RUN) from None
+        except OSError as error:
+            raise CommandNotRun(f"cannot run {command[0]}: {error.strerror or error}", EXIT_CANNOT_RUN) from None
+        for signum in state["pending"]:  # arrived while the child was being started: it gets them now
+            forward(signum, None)
+        code = state["child"].wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return code if code >= 0 else 128 - code
+
+
+def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None, prompt=None, sts_factory=None,
+                 environ=None, popen=subprocess.Popen):
+    """Run *command* with profile *name*'s role; its exit status is ours."""
+    from imsa import sts
+
+    io = io or Io()
+    environ = os.environ if environ is None else environ
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if not command:
+        raise UsageError("no command given; usage: imsa exec PROFILE [--mode ecs|static] -- COMMAND [ARGS...]")
+    profile = _load_profile(name, io)
+    outer = environ.get("IMSA_PROFILE")
+    if outer:
+        io.say(f"imsa: nested exec: {name} (inner) wins over {outer} (outer) for this command")
+    credentials_file = environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.expanduser("~/.aws/credentials")
+    if _default_profile_has_keys(credentials_file):
+        io.say(f"imsa: warning: {credentials_file} has keys in [default]: SDKs in the command use them before imsa's")
+    client = client or Client()
+
+    if mode == "static":
+        profile, creds = commands.profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
+        io.say(
+            f"imsa: static credentials for {name}, valid until {format_time(creds.expiration)} "
+            f"({_describe_left(creds.expiration)}) and not refreshed; use --mode ecs for longer commands"
+        )
+        values = dict(creds.to_env(), IMSA_PROFILE_EXPIRATION=format_time(creds.expiration))
+        return run_child(command, child_environment(environ, profile, values), popen)
+
+    try:
+        client.status()  # fail fast (exit 5) before asking for an MFA code
+    except ServiceNotRunning as error:
+        raise ServiceNotRunning(
+            f"{error}; or run with --mode static (plain AWS_* variables, not refreshed)"
+        ) from None
+    ensure_session(profile, client, sts.MfaSource(profile, mfa_token, prompt), io, sts_factory)
+    binding = client.create_binding(profile.role_spec())
+    try:
+        log.info("%s: container credentials endpoint %s (binding %s)", name, binding["url"], binding["id"])
+        values = {
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI": binding["url"],
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN": binding["token"],
+        }
+        return run_child(command, child_environment(environ, profile, values), popen)
+    finally:
+        try:
+            client.revoke_binding(binding["id"])
+        except ImsaError as error:  # the service is gone: so is the binding
+            log.info("revoking binding %s: %s", binding["id"], error)
+
+
+# --- credential_process ---
+
+
+class TerminalOnlyPrompt:
+    """Asks on /dev/tty only: a credential_process's stdout is data for the SDK, and its stderr is captured."""
+
+    def __init__(self, profile_name):
+        self.profile_name = profile_name
+
+    def __call__(self, text):
+        """Show *text* on the terminal and return the line typed; MfaError (exit 4) when there is no terminal."""
+        tty = _open_terminal()
+        if tty is None:
+            raise MfaError(
+                f"profile {self.profile_name} needs an MFA code and there is no terminal to ask on; "
+                f"run `imsa assume {self.profile_name}` in a terminal first"
+            )
+        with tty:
+            tty.write(text.encode("utf-8"))
+            line = tty.readline()
+        if not line:
+            raise MfaError("no MFA code entered")
+        return line.decode("utf-8", "replace").strip()
+
+
+def _open_terminal():
+    """The controlling terminal, unbuffered binary (a text-mode "r+" open of /dev/tty fails: it cannot seek); or None."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return None
+    return os.fdopen(fd, "r+b", buffering=0)
+
+
+def _terminal_available():
+    tty = _open_terminal()
+    if tty is None:
+        return False
+    tty.close()
+    return True
+
+
+def process_json(profile, creds):
+    """The credential_process Version 1 object (PROTOCOL.md §3.1), with AccountId when the role names it."""
+    body = creds.to_process()
+    if profile.role_arn:
+        body["AccountId"] = profile.role_arn.split(":")[4]
+    return body
+
+
+def credential_process(name, io=None, client=None, prompt=None, sts_factory=None):
+    """Print profile *name*'s credentials as credential_process JSON, from the service's session."""
+    from imsa import sts
+
+    io = io or Io()
+    profile = _load_profile(name, io)
+    client = client or Client()
+    mfa = sts.MfaSource(profile, None, prompt or TerminalOnlyPrompt(name))
+    factory = sts_factory or sts.sts_client
+    try:
+        ensure_session(profile, client, mfa, io, factory)
+        creds = Credentials.from_json(client.credentials(profile.role_spec()))
+    except ServiceNotRunning as error:
+        needs_person = profile.mfa_serial_number and not profile.mfa_process
+        if needs_person and prompt is None and not _terminal_available():
+            raise ServiceNotRunning(f"{error}, then run `imsa assume {name}` in a terminal") from None
+        io.say("imsa: the service is not running, so nothing is cached: asking STS directly (start it: imsa start)")
+        session = sts.new_session(profile, mfa, factory)
+        creds = sts.assume_role(session, profile.role_spec(), factory) if profile.role_arn else session
+    io.data(json.dumps(process_json(profile, creds)) + "\n")
+    return EXIT_OK
