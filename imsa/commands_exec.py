@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 
-from imsa import commands
+from imsa import commands, sts
 from imsa.client import Client
 from imsa.commands import Io, _default_profile_has_keys, _describe_left, _load_profile, ensure_session
 from imsa.credentials import Credentials, format_time
@@ -106,8 +106,6 @@ def run_child(command, env, popen=subprocess.Popen):
 def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None, prompt=None, sts_factory=None,
                  environ=None, popen=subprocess.Popen):
     """Run *command* with profile *name*'s role; its exit status is ours."""
-    from imsa import sts
-
     io = io or Io()
     environ = os.environ if environ is None else environ
     if mode not in MODES:
@@ -165,31 +163,17 @@ class TerminalOnlyPrompt:
 
     def __call__(self, text):
         """Show *text* on the terminal and return the line typed; MfaError (exit 4) when there is no terminal."""
-        tty = _open_terminal()
+        tty = sts.open_terminal()
         if tty is None:
             raise MfaError(
                 f"profile {self.profile_name} needs an MFA code and there is no terminal to ask on; "
                 f"run `imsa assume {self.profile_name}` in a terminal first"
             )
-        with tty:
-            tty.write(text.encode("utf-8"))
-            line = tty.readline()
-        if not line:
-            raise MfaError("no MFA code entered")
-        return line.decode("utf-8", "replace").strip()
-
-
-def _open_terminal():
-    """The controlling terminal, unbuffered binary (a text-mode "r+" open of /dev/tty fails: it cannot seek); or None."""
-    try:
-        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
-    except OSError:
-        return None
-    return os.fdopen(fd, "r+b", buffering=0)
+        return sts.ask_terminal(tty, text)
 
 
 def _terminal_available():
-    tty = _open_terminal()
+    tty = sts.open_terminal()
     if tty is None:
         return False
     tty.close()
@@ -206,8 +190,6 @@ def process_json(profile, creds):
 
 def credential_process(name, io=None, client=None, prompt=None, sts_factory=None):
     """Print profile *name*'s credentials as credential_process JSON, from the service's session."""
-    from imsa import sts
-
     io = io or Io()
     profile = _load_profile(name, io)
     client = client or Client()

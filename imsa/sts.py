@@ -120,21 +120,33 @@ def assume_role(session, spec, client_factory=sts_client, now=utcnow):
     return Credentials.from_sts(answer["Credentials"], now())
 
 
+def open_terminal():
+    """The controlling terminal, unbuffered binary (a text-mode "r+" open of /dev/tty fails: it cannot seek); or None."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return None
+    return os.fdopen(fd, "r+b", buffering=0)
+
+
+def ask_terminal(tty, text):
+    """Write *text* on *tty* and return the line typed there (MfaError at end of input)."""
+    with tty:
+        tty.write(text.encode("utf-8"))
+        line = tty.readline()
+    if not line:
+        raise MfaError("no MFA code entered")
+    return line.decode("utf-8", "replace").strip()
+
+
 class TerminalPrompt:
     """Asks on /dev/tty; with no terminal device, on stderr when stdin is a terminal; else refuses."""
 
     def __call__(self, text):
         """Show *text* and return the line typed."""
-        try:
-            with open("/dev/tty", "r+", encoding="utf-8") as tty:
-                tty.write(text)
-                tty.flush()
-                line = tty.readline()
-                if not line:
-                    raise MfaError("no MFA code entered")
-                return line.strip()
-        except OSError:
-            pass
+        tty = open_terminal()
+        if tty is not None:
+            return ask_terminal(tty, text)
         import sys
 
         if sys.stdin is not None and sys.stdin.isatty():

@@ -4,13 +4,16 @@ Every network peer here is on loopback (or inside a network namespace a test cre
 """
 
 import base64
+import fcntl
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 import urllib.parse
 
@@ -266,3 +269,37 @@ def http(host, port, method, path, headers=None, body=b"", host_header=None, sou
         return response.status, response.msg, response.read()
     finally:
         sock.close()
+
+
+def with_terminal(args):
+    """Start the imsa CLI with a pseudo-terminal as its controlling terminal (stdout and stderr stay pipes)."""
+    master, slave = os.openpty()
+
+    def take_terminal():
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imsa", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=dict(os.environ), preexec_fn=take_terminal, pass_fds=(slave,),
+    )
+    os.close(slave)
+    return process, master
+
+
+def read_terminal(master, until, timeout=30):
+    """What the program wrote on the terminal, up to *until* (bounded by *timeout*)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while until not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], max(deadline - time.monotonic(), 0))
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    return seen

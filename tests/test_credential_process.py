@@ -1,18 +1,15 @@
 """imsa credential-process: the Version 1 JSON contract, the service's session reused, MFA on /dev/tty only."""
 
 import datetime
-import fcntl
 import json
 import os
-import select
 import subprocess
 import sys
 import termios
-import time
 
 import pytest
 
-from conftest import MFA_CODE, write_config
+from conftest import MFA_CODE, read_terminal, with_terminal, write_config
 
 STAMP = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -110,46 +107,13 @@ def test_a_missing_profile_is_a_configuration_error(active_service):
     assert "no profile 'nope'" in line
 
 
-def _with_terminal(args):
-    """Start the CLI with a pseudo-terminal as its controlling terminal (stdout and stderr stay pipes)."""
-    master, slave = os.openpty()
-
-    def take_terminal():
-        os.setsid()
-        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
-
-    process = subprocess.Popen(
-        [sys.executable, "-m", "imsa", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env=dict(os.environ), preexec_fn=take_terminal, pass_fds=(slave,),
-    )
-    os.close(slave)
-    return process, master
-
-
-def _read_terminal(master, until, timeout=30):
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while until not in seen and time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], max(deadline - time.monotonic(), 0))
-        if not ready:
-            break
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    return seen
-
-
 @pytest.mark.skipif(not hasattr(termios, "TIOCSCTTY"), reason="needs TIOCSCTTY to give a child a terminal")
 def test_with_a_terminal_it_asks_there_and_hands_the_session_to_the_service(isolated_env, service, sts_env):
     write_config(isolated_env, sts_env)
     before = sts_env.mark()
-    process, master = _with_terminal(["credential-process", "c"])
+    process, master = with_terminal(["credential-process", "c"])
     try:
-        prompt = _read_terminal(master, b": ")
+        prompt = read_terminal(master, b": ")
         assert b"MFA code for" in prompt, prompt
         os.write(master, MFA_CODE.encode() + b"\n")
         stdout, stderr = process.communicate(timeout=60)

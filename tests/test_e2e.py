@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import boto3
-import botocore.session
 from botocore.utils import InstanceMetadataFetcher
 
-from conftest import MFA_CODE, run_imsa, write_config
+from conftest import MFA_CODE, read_terminal, run_imsa, with_terminal, write_config
 
 
 def caller_arn(creds, sts_server):
@@ -106,3 +105,40 @@ def test_status_shows_the_active_profile_and_masks_the_key(isolated_env, service
     assert data["active"]["access_key_id"].startswith("****") and len(data["active"]["access_key_id"]) == 8
     assert data["active"]["session_expiration"]
     assert "secret" not in done.stdout.lower()
+
+
+def answer_on_terminal(args, answers):
+    """Run the CLI with a terminal, answer each prompt in turn; returns (process, prompts seen, stdout, stderr)."""
+    process, master = with_terminal(args)
+    prompts = []
+    try:
+        for answer in answers:
+            prompts.append(read_terminal(master, b": ").decode(errors="replace"))
+            os.write(master, answer.encode() + b"\n")
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+    return process, prompts, stdout, stderr
+
+
+def test_regression_mfa_prompt_is_asked_on_the_terminal_and_retyped(isolated_env, service, sts_env):
+    # /dev/tty was opened in text "r+" mode, which cannot work (a terminal cannot seek): the prompt never came.
+    write_config(isolated_env, sts_env)
+    process, prompts, stdout, stderr = answer_on_terminal(["assume", "a"], ["12", MFA_CODE])
+    assert process.returncode == 0, stderr
+    assert "MFA code for arn:aws:iam::123456789012:mfa/alice" in prompts[0]
+    assert "6 digits" in prompts[1]
+    assert "MFA code" not in stdout + stderr
+
+
+def test_export_prompts_on_the_terminal_and_keeps_stdout_for_eval(isolated_env, service, sts_env):
+    write_config(isolated_env, sts_env)
+    process, prompts, stdout, stderr = answer_on_terminal(["export", "c"], [MFA_CODE])
+    assert process.returncode == 0, stderr
+    assert "MFA code for" in prompts[0]
+    lines = stdout.strip().splitlines()
+    assert all(line.startswith(("export ", "unset ")) for line in lines), stdout
+    assert any(line.startswith("export AWS_SESSION_TOKEN=") for line in lines)
