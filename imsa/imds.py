@@ -4,6 +4,7 @@ Never imports boto3: it reads a snapshot of the store and nothing else, so every
 """
 
 import collections
+import datetime
 import functools
 import hashlib
 import hmac
@@ -27,6 +28,10 @@ TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 MAX_TTL = 21600
 # The token table is bounded: at this size expired tokens are dropped, then the oldest (its client re-PUTs).
 MAX_TOKENS = 10000
+# An SDK lists the role, then asks for it by name. A switch (imsa assume) in between answered that second request
+# 404 and failed the SDK's whole credential load (tests/test_soak.py), so for this long after a switch the role
+# just replaced is still answered by its name, with its own credentials while they are valid.
+SWITCH_GRACE = datetime.timedelta(seconds=5)
 _TOKEN_ID_LEN = 16
 _TTL_VALUE = re.compile(r"^[0-9]{1,5}$")
 
@@ -191,8 +196,8 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
 
     @app.route(CREDENTIALS_PATH + "/<role>")
     def role_credentials(role):
-        snapshot = served()
-        if snapshot is None or role != snapshot.spec.role_name:
+        snapshot = _snapshot_for(served(), role, clock())
+        if snapshot is None:
             return _text("Not Found\n", 404)
         creds = snapshot.credentials
         if creds.expired(clock()):
@@ -298,6 +303,16 @@ def _peer_allowed(peer, listen_ip):
     if getattr(peer_ip, "ipv4_mapped", None):
         peer_ip = peer_ip.ipv4_mapped
     return peer_ip.is_loopback or peer_ip == listen_ip
+
+
+def _snapshot_for(snapshot, role, now):
+    """The snapshot that answers for *role*: the active one, or the one it replaced less than SWITCH_GRACE ago."""
+    if snapshot is None or role == snapshot.spec.role_name:
+        return snapshot
+    previous = snapshot.previous
+    if previous is not None and role == previous.spec.role_name and now - snapshot.since <= SWITCH_GRACE:
+        return previous
+    return None
 
 
 def _is_ip(host):

@@ -3,6 +3,7 @@
 Nothing here runs on an IMDS request: readers take ``served()``, one attribute read, and never wait for STS.
 """
 
+import dataclasses
 import datetime
 import logging
 import threading
@@ -86,10 +87,17 @@ def _is_fingerprint(value):
 
 @dataclass(frozen=True)
 class Served:
-    """The active profile and its credentials, swapped as one object so a reader never mixes two roles."""
+    """The active profile and its credentials, swapped as one object so a reader never mixes two roles.
+
+    *previous* is what was served before the last switch to another profile, and *since* when that switch
+    happened: IMDS still answers the previous role by name for a moment (imds.SWITCH_GRACE), because an SDK
+    that listed it just before the switch asks for it just after.
+    """
 
     spec: RoleSpec
     credentials: Credentials
+    previous: "Served" = None
+    since: datetime.datetime = None
 
 
 @dataclass
@@ -169,7 +177,7 @@ class Store:
             entry = self._entries.setdefault(spec, _Entry())
             entry.credentials, entry.failures, entry.retry_at, entry.error = credentials, 0, None, None
             if self._active == spec:
-                self._served = Served(spec, credentials)
+                self._served = dataclasses.replace(self._served, credentials=credentials)
             self._poke()
         log.info("%s: credentials %s until %s", spec.profile, mask(credentials.access_key_id), format_time(credentials.expiration))
         return credentials
@@ -180,7 +188,12 @@ class Store:
         with self._lock:
             self._entries.setdefault(spec, _Entry(credentials=credentials))
             self._active = spec
-            self._served = Served(spec, credentials)
+            old = self._served
+            if old is not None and old.spec == spec:
+                self._served = dataclasses.replace(old, credentials=credentials)
+            else:  # keep one step of history only: the previous snapshot loses its own
+                previous = Served(old.spec, old.credentials) if old is not None else None
+                self._served = Served(spec, credentials, previous=previous, since=self._clock())
             self._poke()
         log.info("active profile is now %s", spec.profile)
         return credentials
@@ -261,7 +274,7 @@ class Store:
                     if session is not None and (entry.credentials is None or entry.credentials != session):
                         entry.credentials = session
                         if self._active == spec:
-                            self._served = Served(spec, session)
+                            self._served = dataclasses.replace(self._served, credentials=session)
                     continue
                 if entry.credentials is not None and not _due(entry.credentials, now):
                     continue

@@ -1,6 +1,7 @@
 """The store and its refresher, driven by an injected clock; what IMDS serves is read by botocore over a socket."""
 
 import datetime
+import json
 import threading
 
 import pytest
@@ -271,3 +272,59 @@ def test_nothing_expired_is_ever_served(live_imds):
         endpoint + "/latest/meta-data/iam/security-credentials/role-a",
         headers={"X-aws-ec2-metadata-token": token.decode()})).read().decode()
     assert "ASIAROLE" not in body and "imsa assume a" in body
+
+
+def imds_get(endpoint, path):
+    """(status, body) of one IMDSv2 read, with a fresh token."""
+    import urllib.error
+    import urllib.request
+
+    token = urllib.request.urlopen(urllib.request.Request(
+        endpoint + "/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})).read()
+    request = urllib.request.Request(endpoint + path, headers={"X-aws-ec2-metadata-token": token.decode()})
+    try:
+        with urllib.request.urlopen(request) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_regression_a_switch_between_role_list_and_role_answered_404(live_imds):
+    # An SDK lists the role, then asks for it: `imsa assume` in between made that 404 and the SDK's whole
+    # credential load failed (tests/test_soak.py saw 138 in 30 s). The replaced role is answered for SWITCH_GRACE.
+    clock, sts, store, endpoint = live_imds
+    other = RoleSpec(profile="b", fingerprint=FP, role_arn="arn:aws:iam::123456789012:role/role-b",
+                     role_session_name="tester")
+    path = "/latest/meta-data/iam/security-credentials/"
+    store.activate(SPEC)
+    assert imds_get(endpoint, path) == (200, "role-a")
+    store.activate(other)
+    status, body = imds_get(endpoint, path + "role-a")
+    assert status == 200 and json.loads(body)["AccessKeyId"] == "ASIAROLE000000000001", "role-a's own credentials"
+    assert json.loads(imds_get(endpoint, path + "role-b")[1])["AccessKeyId"] == "ASIAROLE000000000002"
+    assert imds_get(endpoint, path) == (200, "role-b"), "the list names only the active role"
+    clock.advance(seconds=imds.SWITCH_GRACE.total_seconds())
+    assert imds_get(endpoint, path + "role-a")[0] == 200
+    clock.advance(seconds=1)
+    assert imds_get(endpoint, path + "role-a")[0] == 404, "only for a moment"
+    assert imds_get(endpoint, path + "role-c")[0] == 404
+
+
+def test_regression_switch_grace_never_serves_expired_credentials_and_keeps_one_step(live_imds):
+    clock, sts, store, endpoint = live_imds
+    short_fp = "e" * 32
+    store.put_session(short_fp, Credentials("ASIASHORT0000000001", "s", "t", clock() + datetime.timedelta(seconds=3),
+                                            issued=clock()))
+    store.activate(RoleSpec(profile="base", fingerprint=short_fp))
+    store.activate(SPEC)
+    clock.advance(seconds=4)  # within the grace, but the replaced session credentials have expired
+    status, body = imds_get(endpoint, "/latest/meta-data/iam/security-credentials/base")
+    assert status == 200 and "ASIASHORT" not in body and json.loads(body)["Code"] == "CredentialsExpired"
+    other = RoleSpec(profile="b", fingerprint=FP, role_arn="arn:aws:iam::123456789012:role/role-b",
+                     role_session_name="tester")
+    for spec in (other, SPEC, other):
+        store.activate(spec)
+    served = store.served()
+    assert served.previous.spec == SPEC and served.previous.previous is None, "one step of history, no chain"
+    store.activate(other)  # the same profile again: nothing is replaced
+    assert store.served().previous.spec == SPEC
