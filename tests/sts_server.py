@@ -17,8 +17,8 @@ Knobs of the fake STS itself (imsa is not touched), for the fault and soak tests
   DurationSeconds asked for (STS's minimum is 900 s); imsa rotates at half the lifetime, so rotations take seconds.
 - ``--session-lifetime SECONDS``: the same for GetSessionToken (the MFA session).
 - ``--issued-log PATH``: append one JSON line per credentials issued (``action``, ``AccessKeyId``,
-  ``SecretAccessKey``, ``SessionToken``, ``Expiration``), so a test can check that every triple IMDS served
-  came, whole, from one STS answer.
+  ``SecretAccessKey``, ``SessionToken``, ``Expiration``, and ``RoleArn`` for AssumeRole), so a test can check
+  that every triple IMDS served came, whole, from one STS answer for the role it was served as.
 Shortened expirations are whole seconds, as real STS sends them.
 """
 
@@ -48,13 +48,13 @@ class Issued:
         self.path = path
         self.lock = threading.Lock()
 
-    def record(self, action, key_id, secret, token, expiration):
+    def record(self, action, key_id, secret, token, expiration, role_arn=None):
         """Append one issued triple (a no-op without --issued-log)."""
         if not self.path:
             return
         line = json.dumps({
             "action": action, "AccessKeyId": key_id, "SecretAccessKey": secret, "SessionToken": token,
-            "Expiration": expiration.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "Expiration": expiration.strftime("%Y-%m-%dT%H:%M:%SZ"), "RoleArn": role_arn,
         })
         with self.lock, open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
@@ -76,7 +76,8 @@ def install_role_knobs(role_lifetime, issued):
         role = original(self, *args, **kwargs)
         if role_lifetime is not None:
             role.expiration = _expires_in(role_lifetime).replace(tzinfo=role.expiration.tzinfo)
-        issued.record("AssumeRole", role.access_key_id, role.secret_access_key, role.session_token, role.expiration)
+        issued.record("AssumeRole", role.access_key_id, role.secret_access_key, role.session_token, role.expiration,
+                      role.role_arn)
         return role
 
     STSBackend.assume_role = assume_role
