@@ -121,8 +121,12 @@ def allowed_hosts(host, port):
     return hosts
 
 
-def create_app(served, host, port, require_token=True, tokens=None, instance_id=None, clock=utcnow):
-    """The IMDS Flask app for a service listening on *host*:*port*; *served* returns the store's snapshot."""
+def create_app(served, host, port, require_token=True, tokens=None, instance_id=None, clock=utcnow, peer_uids=None):
+    """The IMDS Flask app for a service listening on *host*:*port*; *served* returns the store's snapshot.
+
+    With *peer_uids* (a set), only clients whose socket belongs to one of those uids are served; the service puts
+    each connection's uid in the environ as ``imsa.peer_uid``.
+    """
     app = Flask("imsa.imds")
     app.wsgi_app = _CollapseSlashes(app.wsgi_app)
     tokens = tokens if tokens is not None else TokenTable()
@@ -145,6 +149,9 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
         # else (a container on a bridge, another host routed here) must never get the owner's credentials.
         if not peer_allowed(environ.get("REMOTE_ADDR", "")):
             return refuse(403, "peer address not allowed")
+        # Other local users are peers on loopback too: the owner's credentials are for the owner's processes.
+        if peer_uids is not None and environ.get("imsa.peer_uid") not in peer_uids:
+            return refuse(403, f"another user's process (uid {environ.get('imsa.peer_uid')})")
         # Host pin: DNS rebinding makes a browser send a page's own name (or another address) as Host.
         if environ.get("HTTP_HOST", "").lower() not in hosts:
             return refuse(403, "Host header not allowed")

@@ -188,6 +188,83 @@ def _deadline_channel():
     return DeadlineChannel
 
 
+# TCP states in /proc/net/tcp that no longer have an owner (uid 0 there): TIME_WAIT, CLOSE.
+_OWNERLESS_STATES = (b"06", b"07")
+
+
+def _proc_net_address(ip, port, v6_table):
+    """How /proc/net/tcp (or tcp6) writes ip:port: 32-bit words in host (little-endian) order, in hex."""
+    if ip.version == 4 and v6_table:
+        ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
+    packed = ip.packed
+    words = "".join(f"{int.from_bytes(packed[i:i + 4], sys.byteorder):08X}" for i in range(0, len(packed), 4))
+    return f"{words}:{port:04X}"
+
+
+def tcp_peer_uid(sock):
+    """The uid owning the other end of an accepted TCP connection from this machine (Linux), else None.
+
+    The client's socket is the one whose local address is our peer and whose remote address is our local end.
+    """
+    try:
+        local_ip, local_port = sock.getsockname()[:2]
+        peer_ip, peer_port = sock.getpeername()[:2]
+        local_ip = ipaddress.ip_address(local_ip.split("%", 1)[0])
+        peer_ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+    except (OSError, ValueError):
+        return None
+    if getattr(local_ip, "ipv4_mapped", None):
+        local_ip = local_ip.ipv4_mapped
+    if getattr(peer_ip, "ipv4_mapped", None):
+        peer_ip = peer_ip.ipv4_mapped
+    for table, v6_table in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        if local_ip.version == 6 and not v6_table:
+            continue
+        client = _proc_net_address(peer_ip, peer_port, v6_table).encode()
+        server = _proc_net_address(local_ip, local_port, v6_table).encode()
+        try:
+            # Bytes: once root is dropped, codecs not loaded yet may be unreadable (a stdlib under /root).
+            with open(table, "rb") as handle:
+                next(handle, None)
+                for line in handle:
+                    fields = line.split()
+                    if len(fields) > 7 and fields[1] == client and fields[2] == server and fields[3] not in _OWNERLESS_STATES:
+                        return int(fields[7])
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def peer_uids_visible():
+    """True when this process can read /proc/net/tcp, so IMDS can check which user each client runs as."""
+    return os.access("/proc/net/tcp", os.R_OK)
+
+
+def _imds_channel():
+    """The IMDS listener's channel: the request deadline, and the uid owning the client's socket, looked up once
+    per connection and put in every request's environ as ``imsa.peer_uid`` (imds refuses other users)."""
+    from waitress.task import WSGITask
+
+    class PeerUidTask(WSGITask):
+        def get_environment(self):
+            environ = super().get_environment()
+            environ["imsa.peer_uid"] = self.channel.peer_uid
+            return environ
+
+    class ImdsChannel(_deadline_channel()):
+        task_class = PeerUidTask
+
+        def __init__(self, server, sock, addr, adj, map=None):
+            try:
+                self.peer_uid = tcp_peer_uid(sock)
+            except Exception:  # an exception here would close the listener itself; an unknown uid is refused
+                log.exception("cannot tell which user connected from %s", addr)
+                self.peer_uid = None
+            super().__init__(server, sock, addr, adj, map)
+
+    return ImdsChannel
+
+
 # --- the IMDS socket, the alias and privileges ---
 
 
@@ -406,7 +483,12 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
     def stop_soon():
         threading.Timer(STOP_DELAY, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
-    imds_app = imds.create_app(store.served, host, port, require_token=not allow_imdsv1)
+    # Other local users: on loopback every user of the machine is a peer; only the owner's processes and root's get
+    # the owner's credentials. Where /proc/net/tcp cannot be read, nobody's uid is known, and the log says so.
+    peer_uids = {uid, 0} if peer_uids_visible() else None
+    if peer_uids is None:
+        log.warning("cannot read /proc/net/tcp: IMDS cannot tell local users apart and serves any of them")
+    imds_app = imds.create_app(store.served, host, port, require_token=not allow_imdsv1, peer_uids=peer_uids)
     # How many IMDSv2 tokens are held (bounded by imds.MAX_TOKENS): read at each status request.
     info["imds_tokens"] = imds_app.config["imsa.tokens"].__len__
     bindings = container.BindingTable(store)
@@ -418,7 +500,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
     common = dict(map=shared_map, ident="imsa", channel_timeout=CHANNEL_TIMEOUT, asyncore_use_poll=True,
                   connection_limit=IMDS_CONNECTION_LIMIT + OWNER_CONNECTIONS)
     imds_server = create_server(imds_app, sockets=[tcp], map=shared_map, **IMDS_SERVER_OPTIONS)
-    imds_server.channel_class = _deadline_channel()
+    imds_server.channel_class = _imds_channel()
     control_server = create_server(
         control_app, sockets=[unix], threads=CONTROL_THREADS, max_request_header_size=16384,
         max_request_body_size=1 << 20, **common,

@@ -331,3 +331,73 @@ def test_regression_a_full_imds_listener_locked_the_owner_out_of_the_control_soc
     finally:
         for sock in sockets:
             sock.close()
+
+
+# --- other local users ---
+
+OTHER_UID = 12345
+OTHER_USER_CLIENT = (
+    "import json, sys\n"
+    "sys.path.insert(0, sys.argv[1])\n"
+    "from conftest import http\n"
+    "from imdsv2 import CREDS, TOKEN, TOKEN_PATH, TTL\n"
+    "host, port = sys.argv[2], int(sys.argv[3])\n"
+    "status, _, body = http(host, port, 'PUT', TOKEN_PATH, {TTL: '60'})\n"
+    "token = body.decode() if status == 200 else 'x' * 60\n"
+    "answers = [[status, body.decode(errors='replace')]]\n"
+    "for path in (CREDS, CREDS + 'role-a'):\n"
+    "    status, _, body = http(host, port, 'GET', path, {TOKEN: token})\n"
+    "    answers.append([status, body.decode(errors='replace')])\n"
+    "print(json.dumps(answers))\n"
+)
+
+
+def as_uid(uid, argv):
+    import subprocess
+
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
+                          capture_output=True, text=True, timeout=60, cwd="/")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a client as another uid needs root")
+def test_regression_another_local_users_process_read_the_owners_credentials(active_service):
+    # The peer filter admits any loopback client, and on loopback every local user is a client: any process of
+    # any user could PUT a token and read the owner's credentials. Now the owner's processes (and root's) only.
+    import json
+    import sys
+
+    svc = active_service
+    _, creds = service_credentials(svc)
+    here = os.path.dirname(os.path.abspath(__file__))
+    argv = [sys.executable, "-c", OTHER_USER_CLIENT, here, svc.host, str(svc.port)]
+    stranger = as_uid(OTHER_UID, argv)
+    assert stranger.returncode == 0, stranger.stderr
+    for status, body in json.loads(stranger.stdout):
+        assert status == 403 and "another user" in body, (status, body)
+        assert creds["SecretAccessKey"] not in body
+    owner = as_uid(65534, argv)  # the service serves 'nobody' when the suite runs as root (conftest)
+    assert owner.returncode == 0, owner.stderr
+    answers = json.loads(owner.stdout)
+    assert [status for status, _ in answers] == [200, 200, 200]
+    assert json.loads(answers[2][1])["AccessKeyId"] == creds["AccessKeyId"]
+    time.sleep(0.2)
+    assert f"another user's process (uid {OTHER_UID})" in svc.log()
+
+
+@pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"),
+                                         (socket.AF_INET6, "::ffff:127.0.0.1")])
+def test_the_uid_behind_a_local_tcp_connection_is_found(family, host):
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.bind((host, 0))
+    except OSError:
+        pytest.skip(f"no {host} here")
+    listener.listen()
+    client = socket.create_connection(listener.getsockname()[:2])
+    accepted, _ = listener.accept()
+    try:
+        assert imsa_service.tcp_peer_uid(accepted) == os.geteuid()
+    finally:
+        client.close()
+        accepted.close()
+        listener.close()
