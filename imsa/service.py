@@ -188,8 +188,46 @@ def _deadline_channel():
     return DeadlineChannel
 
 
-# TCP states in /proc/net/tcp that no longer have an owner (uid 0 there): TIME_WAIT, CLOSE.
-_OWNERLESS_STATES = (b"06", b"07")
+# Looking up who owns the client's end of a local TCP connection (Linux). sock_diag answers one exact 4-tuple in
+# microseconds; /proc/net/tcp is the fallback where netlink is not allowed, and costs a scan of every socket
+# (tens of thousands of TIME_WAIT lines after a busy minute of one-request connections).
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 1
+NLMSG_ERROR = 2
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+# TCP states that no longer have an owner (uid 0 is shown for them): TIME_WAIT, CLOSE.
+_OWNERLESS = (6, 7)
+
+
+def _unmapped(ip):
+    ip = ipaddress.ip_address(ip.split("%", 1)[0])
+    return ip.ipv4_mapped or ip if ip.version == 6 else ip
+
+
+def _diag_uid(client_ip, client_port, server_ip, server_port):
+    """sock_diag: the uid of the TCP socket whose local end is client_ip:port and remote end server_ip:port,
+    None if there is none; OSError when netlink cannot be used here."""
+    family = socket.AF_INET if client_ip.version == server_ip.version == 4 else socket.AF_INET6
+
+    def packed(ip):
+        if family == socket.AF_INET6 and ip.version == 4:
+            ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
+        return ip.packed.ljust(16, b"\0")
+
+    sockid = struct.pack("!HH16s16s", client_port, server_port, packed(client_ip), packed(server_ip))
+    sockid += struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+    body = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
+    header = struct.pack("=IHHII", 16 + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as netlink:
+        netlink.settimeout(1)
+        netlink.sendto(header + body, (0, 0))
+        answer = netlink.recv(65536)
+    if len(answer) < 16 + 72 or struct.unpack_from("=H", answer, 4)[0] != SOCK_DIAG_BY_FAMILY:
+        return None  # NLMSG_ERROR: no such socket
+    state = answer[16 + 1]
+    uid = struct.unpack_from("=I", answer, 16 + 64)[0]
+    return None if state in _OWNERLESS else uid
 
 
 def _proc_net_address(ip, port, v6_table):
@@ -198,46 +236,50 @@ def _proc_net_address(ip, port, v6_table):
         ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
     packed = ip.packed
     words = "".join(f"{int.from_bytes(packed[i:i + 4], sys.byteorder):08X}" for i in range(0, len(packed), 4))
-    return f"{words}:{port:04X}"
+    return f"{words}:{port:04X}".encode()
 
 
-def tcp_peer_uid(sock):
-    """The uid owning the other end of an accepted TCP connection from this machine (Linux), else None.
-
-    The client's socket is the one whose local address is our peer and whose remote address is our local end.
-    """
-    try:
-        local_ip, local_port = sock.getsockname()[:2]
-        peer_ip, peer_port = sock.getpeername()[:2]
-        local_ip = ipaddress.ip_address(local_ip.split("%", 1)[0])
-        peer_ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
-    except (OSError, ValueError):
-        return None
-    if getattr(local_ip, "ipv4_mapped", None):
-        local_ip = local_ip.ipv4_mapped
-    if getattr(peer_ip, "ipv4_mapped", None):
-        peer_ip = peer_ip.ipv4_mapped
+def _proc_uid(client_ip, client_port, server_ip, server_port):
+    """The same lookup by scanning /proc/net/tcp and tcp6 (read as bytes: after the privilege drop, codecs not yet
+    loaded may be unreadable, as a stdlib under /root is)."""
     for table, v6_table in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
-        if local_ip.version == 6 and not v6_table:
+        if not v6_table and 6 in (client_ip.version, server_ip.version):
             continue
-        client = _proc_net_address(peer_ip, peer_port, v6_table).encode()
-        server = _proc_net_address(local_ip, local_port, v6_table).encode()
+        client = _proc_net_address(client_ip, client_port, v6_table)
+        server = _proc_net_address(server_ip, server_port, v6_table)
         try:
-            # Bytes: once root is dropped, codecs not loaded yet may be unreadable (a stdlib under /root).
             with open(table, "rb") as handle:
                 next(handle, None)
                 for line in handle:
                     fields = line.split()
-                    if len(fields) > 7 and fields[1] == client and fields[2] == server and fields[3] not in _OWNERLESS_STATES:
-                        return int(fields[7])
+                    if len(fields) > 7 and fields[1] == client and fields[2] == server:
+                        return None if int(fields[3], 16) in _OWNERLESS else int(fields[7])
         except (OSError, ValueError):
             continue
     return None
 
 
+def tcp_peer_uid(sock):
+    """The uid owning the other end of an accepted TCP connection from this machine (Linux), else None."""
+    try:
+        server_ip, server_port = sock.getsockname()[:2]
+        client_ip, client_port = sock.getpeername()[:2]
+        server_ip, client_ip = _unmapped(server_ip), _unmapped(client_ip)
+    except (OSError, ValueError):
+        return None
+    try:
+        return _diag_uid(client_ip, client_port, server_ip, server_port)
+    except OSError:
+        return _proc_uid(client_ip, client_port, server_ip, server_port)
+
+
 def peer_uids_visible():
-    """True when this process can read /proc/net/tcp, so IMDS can check which user each client runs as."""
-    return os.access("/proc/net/tcp", os.R_OK)
+    """True when this process can tell which user owns a local TCP connection (sock_diag or /proc/net/tcp)."""
+    try:
+        socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG).close()
+        return True
+    except OSError:
+        return os.access("/proc/net/tcp", os.R_OK)
 
 
 def _imds_channel():
@@ -484,10 +526,11 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
         threading.Timer(STOP_DELAY, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
     # Other local users: on loopback every user of the machine is a peer; only the owner's processes and root's get
-    # the owner's credentials. Where /proc/net/tcp cannot be read, nobody's uid is known, and the log says so.
+    # the owner's credentials. Where no uid can be looked up at all, the log says so.
     peer_uids = {uid, 0} if peer_uids_visible() else None
     if peer_uids is None:
-        log.warning("cannot read /proc/net/tcp: IMDS cannot tell local users apart and serves any of them")
+        log.warning("neither sock_diag nor /proc/net/tcp is available: IMDS cannot tell local users apart and "
+                    "serves any of them")
     imds_app = imds.create_app(store.served, host, port, require_token=not allow_imdsv1, peer_uids=peer_uids)
     # How many IMDSv2 tokens are held (bounded by imds.MAX_TOKENS): read at each status request.
     info["imds_tokens"] = imds_app.config["imsa.tokens"].__len__

@@ -397,6 +397,14 @@ def test_the_uid_behind_a_local_tcp_connection_is_found(family, host):
     accepted, _ = listener.accept()
     try:
         assert imsa_service.tcp_peer_uid(accepted) == os.geteuid()
+        # Both ways of looking it up: sock_diag, and /proc/net/tcp where netlink is not allowed.
+        server_ip, server_port = accepted.getsockname()[:2]
+        client_ip, client_port = accepted.getpeername()[:2]
+        ends = (imsa_service._unmapped(client_ip), client_port, imsa_service._unmapped(server_ip), server_port)
+        assert imsa_service._diag_uid(*ends) == os.geteuid()
+        assert imsa_service._proc_uid(*ends) == os.geteuid()
+        nowhere = (ends[0], ends[1], ends[2], 1)
+        assert imsa_service._diag_uid(*nowhere) is None and imsa_service._proc_uid(*nowhere) is None
     finally:
         client.close()
         accepted.close()

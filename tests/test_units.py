@@ -40,7 +40,7 @@ def test_installed_units_run_the_user_with_no_capabilities(tmp_path):
     service = (units / "imsa.service").read_text()
     assert f"ExecStart={IMSA} start --foreground" in service
     for directive in ("CapabilityBoundingSet=\n", "AmbientCapabilities=\n", "NoNewPrivileges=yes", "ProtectSystem=strict",
-                      "ProtectHome=read-only", "PrivateTmp=yes", "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+                      "ProtectHome=read-only", "PrivateTmp=yes", "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK\n",
                       "LockPersonality=yes", "MemoryDenyWriteExecute=yes", "Restart=on-failure", "RuntimeDirectory=imsa",
                       "Environment=IMSA_CONTROL_SOCKET=/run/imsa/control.sock"):
         assert directive in service, directive
