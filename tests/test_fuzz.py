@@ -15,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import MFA_SERIAL
 from imdsv2 import TOKEN, TTL, put_token, service_credentials
 
 LONG = os.environ.get("IMSA_LONG_TESTS") == "1"

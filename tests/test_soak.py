@@ -85,7 +85,7 @@ def test_soak_concurrent_clients_while_switching_roles_and_rotating(isolated_env
         roles_served = {entry[0] for entry in served}
         assert roles_served == {"role-a", "role-b"}
         rotations = sum(1 for entry in issued.values() if entry["action"] == "AssumeRole")
-        assert rotations >= 2 + 2 * int(SECONDS // (ROLE_LIFETIME / 2)) - 2, rotations
+        assert rotations >= 2 + int(SECONDS // (ROLE_LIFETIME / 2)), rotations  # the two first, then rotations
         assert fetches >= CLIENTS * SECONDS, fetches  # at least one whole fetch per client per second
         print(f"soak: {fetches} fetches by {CLIENTS} clients in {SECONDS:.0f} s, {switches[0]} switches, "
               f"{rotations} AssumeRole, slowest fetch {max(r['slowest'] for r in results):.3f} s")
