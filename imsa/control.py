@@ -4,6 +4,7 @@ The service puts the peer's uid (SO_PEERCRED) into the WSGI environ as ``imsa.pe
 pass. State changes are POST with a JSON body.
 """
 
+import json
 import logging
 
 from flask import Flask, jsonify, request
@@ -43,9 +44,12 @@ def create_app(store, owner_uid, info, on_stop, bindings=None):
     def body():
         if request.mimetype != "application/json":
             raise BadRequest("Content-Type must be application/json", 415)
+        # JSON is UTF-8 (RFC 8259) and the CLI sends nothing else. Handed bytes, json.loads guesses UTF-16/32 from
+        # NUL bytes, and once root is dropped those codecs may be unloadable (LookupError: a 500); deep nesting
+        # raises RecursionError. Neither is a ValueError, which is all get_json(silent=True) catches.
         try:
-            data = request.get_json(silent=True)
-        except RecursionError:  # json.loads on very deep nesting; silent=True catches only ValueError
+            data = json.loads(request.get_data(cache=False).decode("utf-8"))
+        except (ValueError, RecursionError):
             data = None
         if not isinstance(data, dict):
             raise BadRequest("the body must be a JSON object")

@@ -338,3 +338,12 @@ def test_regression_deeply_nested_json_was_a_500(service, route):
     status, data = post_control(service, route, b"[" * 100000 + b"]" * 100000)
     assert status == 400 and b"JSON" in data, data[:500]
     assert service.client.status()["pid"] == service.pid
+
+
+@pytest.mark.parametrize("body", [b"\x00\x00", b"\x00{", b"{\x00", b"\x00\x00\x00{", b'\xff\xfe{\x00}\x00'])
+@pytest.mark.parametrize("route", ["/activate", "/sessions"])
+def test_regression_nul_bytes_in_a_json_body_were_a_500(service, route, body):
+    # Handed bytes, json.loads guesses UTF-16 or UTF-32 from NUL bytes; after the privilege drop that codec could
+    # not be imported (a stdlib the served user cannot read), and LookupError made a 500. Found by test_fuzz.
+    status, data = post_control(service, route, body)
+    assert status == 400 and b"JSON" in data, data[:500]
