@@ -223,8 +223,14 @@ def _diag_uid(client_ip, client_port, server_ip, server_port):
         netlink.settimeout(1)
         netlink.sendto(header + body, (0, 0))
         answer = netlink.recv(65536)
-    if len(answer) < 16 + 72 or struct.unpack_from("=H", answer, 4)[0] != SOCK_DIAG_BY_FAMILY:
-        return None  # NLMSG_ERROR: no such socket
+    kind = struct.unpack_from("=H", answer, 4)[0] if len(answer) >= 16 else None
+    if kind == NLMSG_ERROR and len(answer) >= 20:
+        code = -struct.unpack_from("=i", answer, 16)[0]
+        if code == errno.ENOENT:
+            return None  # no such socket
+        raise OSError(code, "sock_diag: " + os.strerror(code))  # e.g. inet_diag missing: fall back to /proc
+    if kind != SOCK_DIAG_BY_FAMILY or len(answer) < 16 + 72:
+        raise OSError(errno.EPROTO, "sock_diag: unexpected answer")
     state = answer[16 + 1]
     uid = struct.unpack_from("=I", answer, 16 + 64)[0]
     return None if state in _OWNERLESS else uid
