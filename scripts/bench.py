@@ -781,6 +781,10 @@ def run(plan, say):
         phases["resources"] = time.monotonic() - began - sum(phases.values())
         if load.latest_start > 0.01:
             log(f"a load worker began {load.latest_start * 1000:.0f} ms late; rates may be a little low")
+        busiest = max(info["loadavg_start"], os.getloadavg()[0])
+        if busiest > info["usable_cpus"] / 2:
+            log(f"the machine was busy (load {busiest:.1f} on {info['usable_cpus']} CPUs): ratios are noisy, "
+                "absolute figures low; the per-round ratios are in --json")
     finally:
         if load is not None:
             load.close()
