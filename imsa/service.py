@@ -494,32 +494,9 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
             remove_alias(host)
         raise
     exec_port = exec_tcp.getsockname()[1]
-    try:
-        from waitress import wasyncore
-        from waitress.server import create_server
-
-        from imsa import sts
-
-        # Everything is imported and the STS model loaded while the files are surely readable.
-        sts.preload()
-        if is_root:
-            if added_alias and _stay_to_remove_alias(host, (tcp, unix, exec_tcp)):
-                return 0
-            drop_privileges(uid, gid)
-        if 0 in os.getresuid():
-            raise ServiceError("refusing to serve as root")
-    except BaseException:
-        tcp.close()
-        unix.close()
-        exec_tcp.close()
-        _unlink(path)
-        if added_alias and os.geteuid() == 0:
-            remove_alias(host)
-        raise
-
     store = store or Store()
     info = {
-        "pid": os.getpid(),
+        "pid": os.getpid,  # read at each status request: after the fork below it is the serving child's
         "listen": f"{host}:{port}",
         "endpoint": endpoint_url(host, port),
         "tokens_required": not allow_imdsv1,
@@ -544,6 +521,31 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
     info["bindings"] = bindings.status
     control_app = control.create_app(store, uid, info, stop_soon, bindings=bindings)
     exec_app = container.create_app(bindings, store.cached, exec_port)
+    try:
+        from waitress import wasyncore
+        from waitress.server import create_server
+
+        from imsa import sts
+
+        # Everything is imported, the STS model loaded and each app run once while the files are surely readable:
+        # after the drop, the served user may not be able to read the Python installation (e.g. under /root).
+        sts.preload()
+        _warm_up(imds_app, control_app, exec_app)
+        if is_root:
+            if added_alias and _stay_to_remove_alias(host, (tcp, unix, exec_tcp)):
+                return 0
+            drop_privileges(uid, gid)
+        if 0 in os.getresuid():
+            raise ServiceError("refusing to serve as root")
+    except BaseException:
+        tcp.close()
+        unix.close()
+        exec_tcp.close()
+        _unlink(path)
+        if added_alias and os.geteuid() == 0:
+            remove_alias(host)
+        raise
+
     shared_map = {}
     # Every server here counts the connections of all of them (one map); the owner's get room above IMDS's limit.
     common = dict(map=shared_map, ident="imsa", channel_timeout=CHANNEL_TIMEOUT, asyncore_use_poll=True,
@@ -591,6 +593,20 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
         if added_alias and os.geteuid() == 0:
             remove_alias(host)
     return 0
+
+
+def _warm_up(*apps):
+    """Import what the first requests would import lazily (codecs, werkzeug internals) by running each app once."""
+    import encodings.ascii  # noqa: F401
+    import encodings.latin_1  # noqa: F401
+    import encodings.utf_16  # noqa: F401
+    import encodings.utf_32  # noqa: F401
+
+    for app in apps:
+        try:
+            app.test_client().get("/", headers={"Host": "warm-up"})
+        except Exception:  # a warm-up that fails costs nothing; the real request will say what is wrong
+            log.debug("warm-up of %s failed", app.name, exc_info=True)
 
 
 def _no_core_dumps():
