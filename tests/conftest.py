@@ -74,6 +74,14 @@ class StsServer:
         self.account = info["account"]
         self.recording = recording
 
+    def stop(self):
+        """Stop the server (by its PID) and remove its recording."""
+        stop_process(self.process)
+        try:
+            os.unlink(self.recording)
+        except OSError:
+            pass
+
     def mark(self):
         """A position in the recording; calls() counts only what came after it."""
         try:
@@ -137,8 +145,7 @@ def sts_server():
     """moto's server, strict, as STS for the whole run."""
     server = start_sts()
     yield server
-    stop_process(server.process)
-    os.unlink(server.recording)
+    server.stop()
 
 
 @pytest.fixture

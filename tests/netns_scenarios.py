@@ -89,7 +89,7 @@ def real_address():
 
     import yaml
 
-    from conftest import MFA_SERIAL, MFA_CODE, shared_tmpdir, start_sts, stop_process
+    from conftest import MFA_SERIAL, MFA_CODE, shared_tmpdir, start_sts
     from imsa.client import Client
 
     import shutil
@@ -153,7 +153,7 @@ def real_address():
         result["alias_after"] = IMDS_IP in _lo_addresses()
         return result
     finally:
-        stop_process(sts.process)
+        sts.stop()
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -297,7 +297,7 @@ def container():
         if service is not None:
             stop_process(service.process)
         stop_process(holder)
-        stop_process(sts.process)
+        sts.stop()
 
 
 def exec_peer_filter():

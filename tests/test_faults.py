@@ -47,8 +47,7 @@ def short_sts():
     """A fake STS of its own whose role credentials live 36 s (so imsa rotates them 18 s after issue)."""
     server = start_sts(extra_args=["--role-lifetime", "36"])
     yield server
-    stop_process(server.process)
-    os.unlink(server.recording)
+    server.stop()
 
 
 class Scenario:
@@ -189,7 +188,7 @@ def test_an_expiring_mfa_session_stops_credentials_at_their_expiry_and_status_sa
     finally:
         if service is not None:
             stop_process(service.process)
-        stop_process(sts.process)
+        sts.stop()
 
 
 def test_a_service_killed_with_sigkill_is_reported_not_running_and_start_works_again(isolated_env, sts_env):

@@ -95,5 +95,5 @@ def test_soak_concurrent_clients_while_switching_roles_and_rotating(isolated_env
     finally:
         if service is not None:
             stop_process(service.process)
-        stop_process(sts.process)
+        sts.stop()
         os.unlink(issued_log)
