@@ -310,3 +310,49 @@ def read_terminal(master, until, timeout=30):
             break
         seen += chunk
     return seen
+
+
+def control_request(path, request, timeout=10):
+    """Send raw bytes to a control socket and read the answer until it closes; returns (status, body)."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(path)
+    try:
+        sock.sendall(request)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def control_post(path, route, body, content_type="application/json"):
+    """POST *body* (bytes, or anything JSON) to *route* on a control socket; returns (status, body bytes)."""
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = (f"POST {route} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
+               f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload
+    return control_request(path, request)
+
+
+def answer_on_terminal(args, answers):
+    """Run the CLI with a terminal and answer each prompt in turn; returns (process, prompts seen, stdout, stderr)."""
+    process, master = with_terminal(args)
+    prompts = []
+    try:
+        for answer in answers:
+            prompts.append(read_terminal(master, b": ").decode(errors="replace"))
+            os.write(master, answer.encode() + b"\n")
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+    return process, prompts, stdout, stderr

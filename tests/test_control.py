@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -11,38 +10,12 @@ import time
 
 import pytest
 
-from conftest import run_imsa, service_user_args, start_service, stop_process
+from conftest import control_post as post, control_request, run_imsa, service_user_args, start_service, stop_process
 from imsa.client import Client
 from imsa.errors import ServiceNotRunning
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
 OTHER_UID = 12345
-
-
-def raw(path, request):
-    """Send raw bytes to the control socket and return (status, body)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(5)
-    sock.connect(path)
-    try:
-        sock.sendall(request)
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        sock.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
-
-
-def post(path, route, body, content_type="application/json"):
-    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = (f"POST {route} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
-               f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload
-    return raw(path, request)
 
 
 def test_socket_is_0600_in_a_0700_directory_owned_by_the_served_user(service):
@@ -138,7 +111,7 @@ def test_a_role_without_a_session_is_a_clear_502(service):
 
 def test_state_changes_need_post(service):
     for route in ("/activate", "/credentials", "/sessions", "/stop"):
-        got, _ = raw(service.socket, f"GET {route} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        got, _ = control_request(service.socket, f"GET {route} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
         assert got == 405
     assert service.process.poll() is None
 

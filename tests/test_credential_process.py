@@ -9,7 +9,7 @@ import termios
 
 import pytest
 
-from conftest import MFA_CODE, read_terminal, with_terminal, write_config
+from conftest import MFA_CODE, answer_on_terminal, write_config
 
 STAMP = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -111,17 +111,8 @@ def test_a_missing_profile_is_a_configuration_error(active_service):
 def test_with_a_terminal_it_asks_there_and_hands_the_session_to_the_service(isolated_env, service, sts_env):
     write_config(isolated_env, sts_env)
     before = sts_env.mark()
-    process, master = with_terminal(["credential-process", "c"])
-    try:
-        prompt = read_terminal(master, b": ")
-        assert b"MFA code for" in prompt, prompt
-        os.write(master, MFA_CODE.encode() + b"\n")
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        os.close(master)
+    process, prompts, stdout, stderr = answer_on_terminal(["credential-process", "c"], [MFA_CODE])
+    assert "MFA code for" in prompts[0], prompts
     assert process.returncode == 0, stderr
     assert "MFA code" not in stdout
     check_process_json(stdout, sts_env, "role-c")

@@ -8,7 +8,7 @@ import sys
 import boto3
 from botocore.utils import InstanceMetadataFetcher
 
-from conftest import MFA_CODE, read_terminal, run_imsa, with_terminal, write_config
+from conftest import MFA_CODE, answer_on_terminal, run_imsa, write_config
 
 
 def caller_arn(creds, sts_server):
@@ -105,23 +105,6 @@ def test_status_shows_the_active_profile_and_masks_the_key(isolated_env, service
     assert data["active"]["access_key_id"].startswith("****") and len(data["active"]["access_key_id"]) == 8
     assert data["active"]["session_expiration"]
     assert "secret" not in done.stdout.lower()
-
-
-def answer_on_terminal(args, answers):
-    """Run the CLI with a terminal, answer each prompt in turn; returns (process, prompts seen, stdout, stderr)."""
-    process, master = with_terminal(args)
-    prompts = []
-    try:
-        for answer in answers:
-            prompts.append(read_terminal(master, b": ").decode(errors="replace"))
-            os.write(master, answer.encode() + b"\n")
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        os.close(master)
-    return process, prompts, stdout, stderr
 
 
 def test_regression_mfa_prompt_is_asked_on_the_terminal_and_retyped(isolated_env, service, sts_env):

@@ -13,6 +13,7 @@ import pytest
 from botocore.utils import ContainerMetadataFetcher
 
 from conftest import MFA_CODE, http, run_imsa, stop_process, write_config
+from conftest import control_post as conftest_control_post
 from imsa.container import BindingError, BindingTable
 from imsa.store import RoleSpec
 
@@ -402,25 +403,8 @@ def test_usage_errors_exit_2(active_service):
 
 
 def control_post(service, route, body):
-    import socket
-
-    payload = json.dumps(body).encode()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(service.socket)
-    try:
-        sock.sendall((f"POST {route} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                      f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload)
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        sock.close()
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(rest)
+    status, answer = conftest_control_post(service.socket, route, body)
+    return status, json.loads(answer)
 
 
 def test_binding_routes_validate_and_tie_the_binding_to_the_callers_pid(active_service, sts_env):
