@@ -13,13 +13,13 @@ import resource
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import threading
 import time
 
 from imsa import config
+from imsa.peers import peer_credentials, peer_uids_visible, tcp_peer_uid
 from imsa.errors import ServiceError, UsageError
 
 log = logging.getLogger(__name__)
@@ -128,12 +128,6 @@ def bind_control_socket(path, uid, gid):
     return sock
 
 
-def peer_credentials(sock):
-    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", raw)
-
-
 def _peer_cred_channel():
     """A waitress channel class that records SO_PEERCRED and puts it in every request's environ."""
     from waitress.channel import HTTPChannel
@@ -186,106 +180,6 @@ def _deadline_channel():
             return super().readable()
 
     return DeadlineChannel
-
-
-# Looking up who owns the client's end of a local TCP connection (Linux). sock_diag answers one exact 4-tuple in
-# microseconds; /proc/net/tcp is the fallback where netlink is not allowed, and costs a scan of every socket
-# (tens of thousands of TIME_WAIT lines after a busy minute of one-request connections).
-NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST = 1
-NLMSG_ERROR = 2
-INET_DIAG_NOCOOKIE = 0xFFFFFFFF
-# TCP states that no longer have an owner (uid 0 is shown for them): TIME_WAIT, CLOSE.
-_OWNERLESS = (6, 7)
-
-
-def _unmapped(ip):
-    ip = ipaddress.ip_address(ip.split("%", 1)[0])
-    return ip.ipv4_mapped or ip if ip.version == 6 else ip
-
-
-def _diag_uid(client_ip, client_port, server_ip, server_port):
-    """sock_diag: the uid of the TCP socket whose local end is client_ip:port and remote end server_ip:port,
-    None if there is none; OSError when netlink cannot be used here."""
-    family = socket.AF_INET if client_ip.version == server_ip.version == 4 else socket.AF_INET6
-
-    def packed(ip):
-        if family == socket.AF_INET6 and ip.version == 4:
-            ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
-        return ip.packed.ljust(16, b"\0")
-
-    sockid = struct.pack("!HH16s16s", client_port, server_port, packed(client_ip), packed(server_ip))
-    sockid += struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
-    body = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
-    header = struct.pack("=IHHII", 16 + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as netlink:
-        netlink.settimeout(1)
-        netlink.sendto(header + body, (0, 0))
-        answer = netlink.recv(65536)
-    kind = struct.unpack_from("=H", answer, 4)[0] if len(answer) >= 16 else None
-    if kind == NLMSG_ERROR and len(answer) >= 20:
-        code = -struct.unpack_from("=i", answer, 16)[0]
-        if code == errno.ENOENT:
-            return None  # no such socket
-        raise OSError(code, "sock_diag: " + os.strerror(code))  # e.g. inet_diag missing: fall back to /proc
-    if kind != SOCK_DIAG_BY_FAMILY or len(answer) < 16 + 72:
-        raise OSError(errno.EPROTO, "sock_diag: unexpected answer")
-    state = answer[16 + 1]
-    uid = struct.unpack_from("=I", answer, 16 + 64)[0]
-    return None if state in _OWNERLESS else uid
-
-
-def _proc_net_address(ip, port, v6_table):
-    """How /proc/net/tcp (or tcp6) writes ip:port: 32-bit words in host (little-endian) order, in hex."""
-    if ip.version == 4 and v6_table:
-        ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
-    packed = ip.packed
-    words = "".join(f"{int.from_bytes(packed[i:i + 4], sys.byteorder):08X}" for i in range(0, len(packed), 4))
-    return f"{words}:{port:04X}".encode()
-
-
-def _proc_uid(client_ip, client_port, server_ip, server_port):
-    """The same lookup by scanning /proc/net/tcp and tcp6 (read as bytes: after the privilege drop, codecs not yet
-    loaded may be unreadable, as a stdlib under /root is)."""
-    for table, v6_table in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
-        if not v6_table and 6 in (client_ip.version, server_ip.version):
-            continue
-        client = _proc_net_address(client_ip, client_port, v6_table)
-        server = _proc_net_address(server_ip, server_port, v6_table)
-        try:
-            with open(table, "rb") as handle:
-                next(handle, None)
-                for line in handle:
-                    fields = line.split()
-                    if len(fields) > 7 and fields[1] == client and fields[2] == server:
-                        return None if int(fields[3], 16) in _OWNERLESS else int(fields[7])
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def tcp_peer_uid(sock):
-    """The uid owning the other end of an accepted TCP connection from this machine (Linux), else None."""
-    try:
-        server_ip, server_port = sock.getsockname()[:2]
-        client_ip, client_port = sock.getpeername()[:2]
-        server_ip, client_ip = _unmapped(server_ip), _unmapped(client_ip)
-    except (OSError, ValueError):
-        return None
-    try:
-        return _diag_uid(client_ip, client_port, server_ip, server_port)
-    except OSError:
-        return _proc_uid(client_ip, client_port, server_ip, server_port)
-
-
-def peer_uids_visible():
-    """True when this process can tell which user owns a local TCP connection (sock_diag or /proc/net/tcp)."""
-    try:
-        socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG).close()
-        return True
-    except OSError:
-        return os.access("/proc/net/tcp", os.R_OK)
 
 
 def _imds_channel():

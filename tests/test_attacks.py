@@ -16,7 +16,7 @@ import pytest
 
 from conftest import http
 from imdsv2 import CREDS, TOKEN, TOKEN_PATH, TTL, put_token, service_credentials
-from imsa import imds, service as imsa_service
+from imsa import imds, peers, service as imsa_service
 from test_netns import _can_unshare, run_scenario
 
 needs_netns = pytest.mark.skipif(not _can_unshare(), reason="needs root, unshare(1) and ip(8) to make a network namespace")
@@ -396,15 +396,15 @@ def test_the_uid_behind_a_local_tcp_connection_is_found(family, host):
     client = socket.create_connection(listener.getsockname()[:2])
     accepted, _ = listener.accept()
     try:
-        assert imsa_service.tcp_peer_uid(accepted) == os.geteuid()
+        assert peers.tcp_peer_uid(accepted) == os.geteuid()
         # Both ways of looking it up: sock_diag, and /proc/net/tcp where netlink is not allowed.
         server_ip, server_port = accepted.getsockname()[:2]
         client_ip, client_port = accepted.getpeername()[:2]
-        ends = (imsa_service._unmapped(client_ip), client_port, imsa_service._unmapped(server_ip), server_port)
-        assert imsa_service._diag_uid(*ends) == os.geteuid()
-        assert imsa_service._proc_uid(*ends) == os.geteuid()
+        ends = (peers._unmapped(client_ip), client_port, peers._unmapped(server_ip), server_port)
+        assert peers._diag_uid(*ends) == os.geteuid()
+        assert peers._proc_uid(*ends) == os.geteuid()
         nowhere = (ends[0], ends[1], ends[2], 1)
-        assert imsa_service._diag_uid(*nowhere) is None and imsa_service._proc_uid(*nowhere) is None
+        assert peers._diag_uid(*nowhere) is None and peers._proc_uid(*nowhere) is None
     finally:
         client.close()
         accepted.close()
