@@ -367,30 +367,6 @@ def start_baseline(kind, body_file, processes, log):
     return info["port"], process.pid
 
 
-def start_service(processes, log, timeout=20):
-    """``imsa start --foreground`` on 127.0.0.1:0 in its own process; (status, pid) once its control socket answers."""
-    from conftest import service_user_args
-    from imsa.client import Client
-    from imsa.errors import ServiceNotRunning
-
-    argv = [sys.executable, "-m", "imsa", "start", "--foreground", "--listen", "127.0.0.1:0"] + service_user_args()
-    process = processes.add(subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL))
-    client = Client(timeout=2)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the service exited with {process.returncode} (see {log.name})")
-        try:
-            status = client.status()
-        except ServiceNotRunning:
-            time.sleep(0.05)
-            continue
-        if status["pid"] == process.pid:
-            return status, process.pid
-        time.sleep(0.05)
-    raise RuntimeError(f"the service did not answer within {timeout} s (see {log.name})")
-
-
 # --- /proc ---
 
 
@@ -712,7 +688,7 @@ def run(plan, say):
     sys.path.insert(0, ROOT)
     import pathlib
 
-    from conftest import MFA_CODE, start_sts, write_config
+    from conftest import MFA_CODE, start_service, start_sts, write_config
 
     began = time.monotonic()
     info = machine()
@@ -728,7 +704,7 @@ def run(plan, say):
     processes = Processes()
     load = None
     sts = None
-    service_log = open(os.path.join(work, "service.log"), "w")
+    service = None
     baseline_log = open(os.path.join(work, "baselines.log"), "w")
     try:
         say("bench: starting the fake STS, the imsa service and the baselines")
@@ -739,8 +715,9 @@ def run(plan, say):
         switch = {f"switch{index}": {"extends": "base", "role_arn": sts.roles["role-b"],
                                      "role_session_name": f"bench-switch-{index}"} for index in range(plan.assume_runs)}
         write_config(pathlib.Path(home), sts, extra=switch)
-        status, service_pid = start_service(processes, service_log)
-        port = int(status["listen"].rsplit(":", 1)[1])
+        service = start_service()
+        processes.add(service.process)
+        service_pid, port = service.pid, service.port
         done = subprocess.run(_imsa_argv() + ["assume", "a", "--mfa-token", MFA_CODE], capture_output=True, text=True,
                               stdin=subprocess.DEVNULL, timeout=60)
         if done.returncode != 0:
@@ -789,7 +766,9 @@ def run(plan, say):
         if load is not None:
             load.close()
         processes.stop_all()
-        service_log.close()
+        if service is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(service.log_path)
         baseline_log.close()
         if sts is not None:
             with contextlib.suppress(OSError):

@@ -206,7 +206,10 @@ def service_user_args():
 
 def start_service(extra_args=(), env=None, timeout=15):
     """Start the service on 127.0.0.1:0 and wait until its control socket answers."""
-    log = tempfile.NamedTemporaryFile(prefix="imsa-service-", suffix=".log", delete=False)
+    # The log goes beside the control socket's directory, which whoever set IMSA_CONTROL_SOCKET removes.
+    socket_path = (env or os.environ).get("IMSA_CONTROL_SOCKET")
+    log_dir = os.path.dirname(os.path.dirname(socket_path)) if socket_path else None
+    log = tempfile.NamedTemporaryFile(prefix="imsa-service-", suffix=".log", delete=False, dir=log_dir)
     argv = [sys.executable, "-m", "imsa", "--verbose", "start", "--foreground", "--listen", "127.0.0.1:0"]
     argv += service_user_args() + list(extra_args)
     process = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env or dict(os.environ))
@@ -356,3 +359,13 @@ def answer_on_terminal(args, answers):
             process.wait()
         os.close(master)
     return process, prompts, stdout, stderr
+
+
+def one_error_line(done, code):
+    """Assert the CLI failed with *code*, printing nothing on stdout and one ``imsa: error:`` line; return it."""
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imsa: error: "), done.stderr
+    assert "Traceback" not in done.stderr
+    return lines[0]

@@ -11,7 +11,7 @@ import sys
 import boto3
 import pytest
 
-from conftest import MFA_CODE, run_imsa, write_config
+from conftest import MFA_CODE, one_error_line, run_imsa, write_config
 from imsa import cli, commands
 from imsa.config import Profile
 from imsa.credentials import Credentials
@@ -19,17 +19,6 @@ from imsa.errors import EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_SERVICE,
 
 EXPORTED = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_CREDENTIAL_EXPIRATION",
             "IMSA_PROFILE", "IMSA_PROFILE_EXPIRATION")
-
-
-def one_error_line(done, code):
-    """Assert *done* exited with *code* and wrote exactly one ``imsa: error:`` line and nothing on stdout."""
-    assert done.returncode == code, (done.returncode, done.stderr)
-    assert done.stdout == ""
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("imsa: error: ")
-    assert "Traceback" not in done.stderr
-    return lines[0]
 
 
 def run_without_terminal(*args):

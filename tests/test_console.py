@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
 
-from conftest import MFA_CODE, run_imsa, write_config
+from conftest import MFA_CODE, one_error_line, run_imsa, write_config
 
 SIGNIN_TOKEN = "fake-signin-token-" + "x" * 40
 
@@ -95,14 +95,6 @@ def caller_arn(session, sts_server):
                           aws_access_key_id=session["sessionId"], aws_secret_access_key=session["sessionKey"],
                           aws_session_token=session["sessionToken"])
     return client.get_caller_identity()["Arn"]
-
-
-def one_error_line(done, code):
-    assert done.returncode == code, (done.returncode, done.stderr)
-    assert done.stdout == ""
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("imsa: error: "), done.stderr
-    return lines[0]
 
 
 def test_print_builds_the_login_url_from_the_roles_credentials(active_service, sts_env):

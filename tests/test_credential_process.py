@@ -9,7 +9,7 @@ import termios
 
 import pytest
 
-from conftest import MFA_CODE, answer_on_terminal, write_config
+from conftest import MFA_CODE, answer_on_terminal, one_error_line, write_config
 
 STAMP = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -20,14 +20,6 @@ def without_terminal(*args, env=None):
         [sys.executable, "-m", "imsa", *args], capture_output=True, text=True, env=env or dict(os.environ),
         stdin=subprocess.DEVNULL, start_new_session=True, timeout=60,
     )
-
-
-def one_error_line(done, code):
-    assert done.returncode == code, (done.returncode, done.stderr)
-    assert done.stdout == ""
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("imsa: error: "), done.stderr
-    return lines[0]
 
 
 def check_process_json(stdout, sts_env, role):
