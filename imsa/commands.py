@@ -40,11 +40,13 @@ class Io:
         self.err.flush()
 
 
-def _load_profile(name, io):
+def load_profile(name, io):
+    """Profile *name* from the validated config; the permission warning goes to *io*."""
     return config.load(warn=io.say).get(name)
 
 
-def _describe_left(expiration, now=None):
+def describe_left(expiration, now=None):
+    """How long until *expiration*, for people: ``1h05m left``, ``12m left`` or ``expired``."""
     seconds = int((expiration - (now or utcnow())).total_seconds())
     if seconds <= 0:
         return "expired"
@@ -70,14 +72,14 @@ def assume(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=
     from imsa import sts
 
     io = io or Io()
-    profile = _load_profile(name, io)
+    profile = load_profile(name, io)
     client = client or Client()
     client.status()  # fail fast (exit 5) before asking for an MFA code
     ensure_session(profile, client, sts.MfaSource(profile, mfa_token, prompt), io, sts_factory)
     result = client.activate(profile.role_spec())
     what = profile.role_arn or "MFA session credentials"
     expiration = parse_time(result["expiration"])
-    io.say(f"imsa: {profile.name} active: {what}, until {format_time(expiration)} ({_describe_left(expiration)})")
+    io.say(f"imsa: {profile.name} active: {what}, until {format_time(expiration)} ({describe_left(expiration)})")
     return EXIT_OK
 
 
@@ -86,7 +88,7 @@ def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None,
     from imsa import sts
 
     io = io or Io()
-    profile = _load_profile(name, io)
+    profile = load_profile(name, io)
     client = client or Client()
     mfa = sts.MfaSource(profile, mfa_token, prompt)
     factory = sts_factory or sts.sts_client
@@ -157,7 +159,7 @@ def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None,
         pass
     else:
         raise ServiceError(f"imsa is already running (control socket {path}); stop it first: imsa stop")
-    service._prepare_socket_dir(os.path.dirname(path), uid, gid)
+    service.prepare_socket_dir(os.path.dirname(path), uid, gid)
     log_path = os.path.join(os.path.dirname(path), "imsa.log")
     argv = [sys.executable, "-m", "imsa"] + (["--debug"] if debug else []) + ["start", "--foreground", "--listen", listen]
     if allow_imdsv1:
@@ -233,7 +235,7 @@ def shadowing_warnings(environ=None, home=None):
     credentials_file = environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(
         home or os.path.expanduser("~"), ".aws", "credentials"
     )
-    if _default_profile_has_keys(credentials_file):
+    if default_profile_has_keys(credentials_file):
         warnings.append(f"{credentials_file} has keys in [default]: SDKs use them before IMDS")
     proxy = environ.get("HTTP_PROXY") or environ.get("http_proxy")
     no_proxy = (environ.get("NO_PROXY") or environ.get("no_proxy") or "").replace(" ", "").split(",")
@@ -242,7 +244,8 @@ def shadowing_warnings(environ=None, home=None):
     return warnings
 
 
-def _default_profile_has_keys(path):
+def default_profile_has_keys(path):
+    """True when the AWS credentials file at *path* has keys under [default]."""
     import configparser
 
     parser = configparser.RawConfigParser()
@@ -275,10 +278,10 @@ def status(as_json=False, io=None, client=None):
             lines.append(f"profile:    {active['profile']}")
             lines.append(f"role:       {active['role_arn'] or 'MFA session credentials'}")
             lines.append(f"key:        {active['access_key_id']}")
-            lines.append(f"expires:    {active['expiration']} ({_describe_left(expiration)})")
+            lines.append(f"expires:    {active['expiration']} ({describe_left(expiration)})")
             if active.get("session_expiration"):
                 session_end = parse_time(active["session_expiration"])
-                lines.append(f"session:    {active['session_expiration']} ({_describe_left(session_end)})")
+                lines.append(f"session:    {active['session_expiration']} ({describe_left(session_end)})")
             else:
                 lines.append("session:    expired")
             if active.get("last_error"):

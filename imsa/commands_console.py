@@ -11,7 +11,7 @@ import urllib.parse
 import urllib.request
 
 from imsa import __version__, commands
-from imsa.commands import Io, _load_profile
+from imsa.commands import Io, load_profile
 from imsa.errors import EXIT_OK, ImsaError, StsError, UsageError
 
 SIGNIN_ENV = "IMSA_SIGNIN_URL"
@@ -100,7 +100,7 @@ def console(name, print_url=False, duration=None, destination=None, mfa_token=No
         raise UsageError(f"--duration must be from {MIN_CONSOLE_DURATION} to {MAX_CONSOLE_DURATION} seconds")
     if destination is not None and urllib.parse.urlsplit(destination).scheme not in ("https", "http"):
         raise UsageError("--destination must be an https:// URL of the console")
-    profile = _load_profile(name, io)
+    profile = load_profile(name, io)
     if not profile.role_arn:
         raise UsageError(
             f"profile {name} has no role_arn: AWS's console sign-in takes role credentials, not the MFA session "

@@ -11,7 +11,7 @@ import subprocess
 
 from imsa import commands, sts
 from imsa.client import Client
-from imsa.commands import Io, _default_profile_has_keys, _describe_left, _load_profile, ensure_session
+from imsa.commands import Io, default_profile_has_keys, describe_left, load_profile, ensure_session
 from imsa.credentials import Credentials, format_time
 from imsa.errors import EXIT_OK, ImsaError, MfaError, ServiceNotRunning, UsageError
 
@@ -112,12 +112,12 @@ def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
     if not command:
         raise UsageError("no command given; usage: imsa exec PROFILE [--mode ecs|static] -- COMMAND [ARGS...]")
-    profile = _load_profile(name, io)
+    profile = load_profile(name, io)
     outer = environ.get("IMSA_PROFILE")
     if outer:
         io.say(f"imsa: nested exec: {name} (inner) wins over {outer} (outer) for this command")
     credentials_file = environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.expanduser("~/.aws/credentials")
-    if _default_profile_has_keys(credentials_file):
+    if default_profile_has_keys(credentials_file):
         io.say(f"imsa: warning: {credentials_file} has keys in [default]: SDKs in the command use them before imsa's")
     client = client or Client()
 
@@ -125,7 +125,7 @@ def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None
         profile, creds = commands.profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
         io.say(
             f"imsa: static credentials for {name}, valid until {format_time(creds.expiration)} "
-            f"({_describe_left(creds.expiration)}) and not refreshed; use --mode ecs for longer commands"
+            f"({describe_left(creds.expiration)}) and not refreshed; use --mode ecs for longer commands"
         )
         values = dict(creds.to_env(), IMSA_PROFILE_EXPIRATION=format_time(creds.expiration))
         return run_child(command, child_environment(environ, profile, values), popen)
@@ -191,7 +191,7 @@ def process_json(profile, creds):
 def credential_process(name, io=None, client=None, prompt=None, sts_factory=None):
     """Print profile *name*'s credentials as credential_process JSON, from the service's session."""
     io = io or Io()
-    profile = _load_profile(name, io)
+    profile = load_profile(name, io)
     client = client or Client()
     mfa = sts.MfaSource(profile, None, prompt or TerminalOnlyPrompt(name))
     factory = sts_factory or sts.sts_client

@@ -86,7 +86,7 @@ def _socket_answers(path):
     return True
 
 
-def _prepare_socket_dir(directory, uid, gid):
+def prepare_socket_dir(directory, uid, gid):
     """Create the socket's directory 0700 for *uid*, or check that an existing one is safe to use."""
     try:
         os.makedirs(directory, mode=0o700, exist_ok=False)
@@ -106,7 +106,7 @@ def _prepare_socket_dir(directory, uid, gid):
 
 def bind_control_socket(path, uid, gid):
     """A listening Unix socket at *path*, 0600, owned by *uid*; a stale socket is replaced, a live one refused."""
-    _prepare_socket_dir(os.path.dirname(path) or ".", uid, gid)
+    prepare_socket_dir(os.path.dirname(path) or ".", uid, gid)
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ServiceError(f"{path} exists and is not a socket")
