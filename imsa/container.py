@@ -12,7 +12,6 @@ store, whose refresher rotates them; a request reads what the store holds.
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ import threading
 from flask import Flask, Response, request
 
 from imsa.credentials import format_time, mask, utcnow
+from imsa.peers import is_local_peer
 
 log = logging.getLogger(__name__)
 
@@ -225,14 +225,7 @@ def create_app(bindings, cached, port, clock=utcnow):
     def guards():
         # Peer filter: this machine only. The listener is on 127.0.0.1, so this is defence in depth against a
         # packet that reaches it with another source address (another local address, a misrouted container).
-        peer = request.environ.get("REMOTE_ADDR", "")
-        try:
-            peer_ip = ipaddress.ip_address(peer.split("%", 1)[0])
-        except ValueError:
-            return refuse(403, "AccessDenied", "peer address not allowed")
-        if getattr(peer_ip, "ipv4_mapped", None):
-            peer_ip = peer_ip.ipv4_mapped
-        if not peer_ip.is_loopback:
+        if not is_local_peer(request.environ.get("REMOTE_ADDR", "")):
             return refuse(403, "AccessDenied", "peer address not allowed")
         # Host pin: a DNS-rebinding page sends its own name. The URL handed to the child names 127.0.0.1:PORT.
         if request.environ.get("HTTP_HOST", "").lower() != host:

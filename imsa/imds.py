@@ -20,6 +20,7 @@ import time
 from flask import Flask, Response, request
 
 from imsa.credentials import format_time, utcnow
+from imsa.peers import is_local_peer
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
     hosts = allowed_hosts(host, port)
     listen_ip = ipaddress.ip_address(host) if _is_ip(host) else None
     # Peers are a handful of addresses (127.0.0.1 nearly always): parse each once, not on every request.
-    peer_allowed = functools.lru_cache(maxsize=256)(functools.partial(_peer_allowed, listen_ip=listen_ip))
+    peer_allowed = functools.lru_cache(maxsize=256)(functools.partial(is_local_peer, listen_ip=listen_ip))
     instance_id = instance_id or "i-" + secrets.token_hex(8)[:17]
     app.config["imsa.tokens"] = tokens
 
@@ -299,17 +300,6 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
         return _text("Internal Server Error\n", 500)
 
     return app
-
-
-def _peer_allowed(peer, listen_ip):
-    """True for a loopback peer or the listen address itself (IPv4-mapped IPv6 counts as IPv4)."""
-    try:
-        peer_ip = ipaddress.ip_address(peer.split("%", 1)[0])
-    except ValueError:
-        return False
-    if getattr(peer_ip, "ipv4_mapped", None):
-        peer_ip = peer_ip.ipv4_mapped
-    return peer_ip.is_loopback or peer_ip == listen_ip
 
 
 def _snapshot_for(snapshot, role, now):

@@ -27,6 +27,15 @@ INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 _OWNERLESS = (6, 7)
 
 
+def is_local_peer(peer, listen_ip=None):
+    """True for a loopback peer address, or *listen_ip* itself (IPv4-mapped IPv6 counts as IPv4; a zone is ignored)."""
+    try:
+        peer_ip = _unmapped(peer)
+    except ValueError:
+        return False
+    return peer_ip.is_loopback or peer_ip == listen_ip
+
+
 def _unmapped(ip):
     ip = ipaddress.ip_address(ip.split("%", 1)[0])
     return ip.ipv4_mapped or ip if ip.version == 6 else ip
