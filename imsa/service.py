@@ -344,7 +344,7 @@ def configure_logging(level=logging.INFO):
     logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
-def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, store=None, ready=None):
+def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None):
     """Serve until SIGTERM/SIGINT or a control-plane stop; returns the exit status."""
     from imsa import container, control, imds
     from imsa.store import Store
@@ -369,7 +369,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
                 remove_alias(host)
             raise
     host, port = tcp.getsockname()[:2]
-    path = socket_path or config.service_socket_path(uid)
+    path = config.service_socket_path(uid)
     try:
         unix = bind_control_socket(path, uid, gid)
     except (ServiceError, OSError) as error:
@@ -388,7 +388,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
             remove_alias(host)
         raise
     exec_port = exec_tcp.getsockname()[1]
-    store = store or Store()
+    store = Store()
     info = {
         "pid": os.getpid,  # read at each status request: after the fork below it is the serving child's
         "listen": f"{host}:{port}",
@@ -470,8 +470,6 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, socket_path=None, 
         "serving IMDS on %s:%d (tokens %s) for uid %d; control socket %s; exec endpoint %s",
         host, port, "optional" if allow_imdsv1 else "required", uid, path, info["exec_endpoint"],
     )
-    if ready is not None:
-        ready(info)
     try:
         wasyncore.loop(timeout=1, map=shared_map, use_poll=True)
     except SystemExit:
