@@ -35,6 +35,7 @@ def build_parser():
     start.add_argument("--foreground", action="store_true", help="serve in this process (for systemd)")
     start.add_argument("--allow-imdsv1", action="store_true", help="also answer requests without an IMDSv2 token")
     start.add_argument("--user", metavar="NAME", help="when run as root: the user to serve (default: SUDO_USER)")
+    start.add_argument("--report-ready", action="store_true", help=argparse.SUPPRESS)
 
     commands.add_parser("stop", help="stop the service")
 
@@ -101,7 +102,8 @@ def run(args):
     from imsa import commands
 
     if args.command == "start":
-        return commands.start(args.listen, args.allow_imdsv1, args.foreground, args.user, debug=args.debug)
+        return commands.start(args.listen, args.allow_imdsv1, args.foreground, args.user, debug=args.debug,
+                              report_ready=args.report_ready)
     if args.command == "stop":
         return commands.stop()
     if args.command == "status":

@@ -1,9 +1,15 @@
-"""The control-plane client: JSON over the service's Unix socket, with the standard library only (no proxies)."""
+"""The control-plane client: JSON over the service's Unix socket, with the standard library only (no proxies).
+
+Before it sends anything, the client checks that the socket and its directory are the expected user's own
+(imsa/rundir.py) and, once connected, that the process listening there runs as that user (SO_PEERCRED): a
+session is never handed to, and no answer is believed from, a socket someone else put in its path.
+"""
 
 import json
 import socket
+import struct
 
-from imsa import config
+from imsa import rundir
 from imsa.errors import ServiceError, ServiceNotRunning, StsError
 
 TIMEOUT = 30
@@ -15,8 +21,10 @@ class BadAnswer(Exception):
     """The service's answer is not the HTTP/1.1 response waitress writes."""
 
 
-def exchange(path, method, route, payload=b"", content_type=None, timeout=TIMEOUT):
+def exchange(path, method, route, payload=b"", content_type=None, timeout=TIMEOUT, expected_uid=None):
     """One HTTP/1.1 request on a new connection to the Unix socket at *path*; returns (status, body).
+
+    With *expected_uid*, nothing is sent unless the server process runs as that uid (UnsafeRunDir otherwise).
 
     http.client would do, but importing it (email, ssl) cost about 15 ms of every ``imsa status`` and
     ``imsa export`` (scripts/bench.py); one request per connection, closed by the server, needs only this.
@@ -28,6 +36,8 @@ def exchange(path, method, route, payload=b"", content_type=None, timeout=TIMEOU
     sock.settimeout(timeout)
     try:
         sock.connect(path)
+        if expected_uid is not None:
+            _check_server(sock, path, expected_uid)
         sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("ascii") + payload)
         chunks, size = [], 0
         while True:
@@ -41,6 +51,15 @@ def exchange(path, method, route, payload=b"", content_type=None, timeout=TIMEOU
     finally:
         sock.close()
     return parse_answer(b"".join(chunks))
+
+
+def _check_server(sock, path, expected_uid):
+    """The process that listens on *sock* must run as *expected_uid* (the kernel's word, not the file's owner)."""
+    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if uid != expected_uid:
+        raise rundir.UnsafeRunDir(
+            f"refusing the service at {path}: it runs as uid {uid}, not uid {expected_uid} (someone else's socket)"
+        )
 
 
 def parse_answer(raw):
@@ -70,8 +89,9 @@ def parse_answer(raw):
 class Client:
     """Talks to the service of the current user."""
 
-    def __init__(self, path=None, timeout=TIMEOUT):
-        self.path = path or config.control_socket_path()
+    def __init__(self, path=None, timeout=TIMEOUT, expected_uid=None):
+        self.expected_uid = rundir.expected_service_uid() if expected_uid is None else expected_uid
+        self.path = path or rundir.client_path(self.expected_uid)
         self.timeout = timeout
 
     def _request(self, method, route, body=None):
@@ -79,7 +99,8 @@ class Client:
         if body is not None:
             payload, content_type = json.dumps(body).encode(), "application/json"
         try:
-            status, raw = exchange(self.path, method, route, payload, content_type, self.timeout)
+            rundir.check_socket(self.path, self.expected_uid)
+            status, raw = exchange(self.path, method, route, payload, content_type, self.timeout, self.expected_uid)
         except (FileNotFoundError, ConnectionRefusedError):
             raise ServiceNotRunning(f"the imsa service is not running (no service at {self.path}); start it with: imsa start") from None
         except PermissionError:

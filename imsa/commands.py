@@ -138,7 +138,7 @@ def export(name, fmt="sh", mfa_token=None, io=None, client=None, prompt=None, st
 # --- the service ---
 
 
-def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None, debug=False):
+def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None, debug=False, report_ready=False):
     """Start the service; in the background unless *foreground*, returning once it answers."""
     import subprocess  # only here: status and export stay light
 
@@ -149,57 +149,76 @@ def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None,
     host, port = service.parse_listen(listen)
     if foreground:
         service.configure_logging()
-        return service.run(listen=listen, allow_imdsv1=allow_imdsv1, user=user)
-    uid, gid = service.target_user(user)
-    path = config.service_socket_path(uid)
-    client = Client(path, timeout=2)
-    try:
-        client.status()
-    except ServiceNotRunning:
-        pass
-    else:
-        raise ServiceError(f"imsa is already running (control socket {path}); stop it first: imsa stop")
-    service.prepare_socket_dir(os.path.dirname(path), uid, gid)
-    log_path = os.path.join(os.path.dirname(path), "imsa.log")
-    argv = [sys.executable, "-m", "imsa"] + (["--debug"] if debug else []) + ["start", "--foreground", "--listen", listen]
+        return service.run(listen=listen, allow_imdsv1=allow_imdsv1, user=user, report_ready=report_ready)
+    service.target_user(user)  # a usage error (root without a user to serve) is said here, not by the child
+    if os.geteuid() == 0:
+        for warning in service.writable_code_warnings():
+            io.say(f"imsa: warning: {warning}")
+    # -I: the service imports nothing from the working directory, PYTHONPATH or the user's site-packages, and it
+    # runs from / (as root that would be code of whoever can write there).
+    argv = [sys.executable, "-I", "-m", "imsa"] + (["--debug"] if debug else [])
+    argv += ["start", "--foreground", "--report-ready", "--listen", listen]
     if allow_imdsv1:
         argv.append("--allow-imdsv1")
     if user:
         argv += ["--user", user]
-    env = dict(os.environ, IMSA_CONTROL_SOCKET=path)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    if os.geteuid() == 0:
-        os.fchown(log_fd, uid, gid)
-    try:
-        child = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, env=env, start_new_session=True, close_fds=True
-        )
-    finally:
-        os.close(log_fd)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        code = child.poll()
-        if code is not None:
-            raise ServiceError(f"the service failed to start: {_last_line(log_path)}")
-        try:
-            status = client.status()
-        except ServiceNotRunning:
-            time.sleep(POLL)
-            continue
-        io.say(f"imsa: serving on {status['listen']} (pid {status['pid']}); log: {log_path}")
-        if (host, port) != service.parse_listen(service.DEFAULT_LISTEN):
-            io.data(f"export AWS_EC2_METADATA_SERVICE_ENDPOINT={status['endpoint']}\n")
-        return EXIT_OK
-    child.terminate()
-    raise ServiceError(f"the service did not answer within {START_TIMEOUT:.0f} s; see {log_path}")
+    child = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/",
+        start_new_session=True, close_fds=True,
+    )
+    status, output = _wait_ready(child, START_TIMEOUT)
+    if status is None:
+        if child.poll() is None:
+            child.terminate()
+            raise ServiceError(f"the service did not answer within {START_TIMEOUT:.0f} s: {_last_line(output)}")
+        raise ServiceError(f"the service failed to start: {_last_line(output)}")
+    io.say(f"imsa: serving on {status['listen']} (pid {status['pid']}); log: {status['log']}")
+    if (host, port) != service.parse_listen(service.DEFAULT_LISTEN):
+        io.data(f"export AWS_EC2_METADATA_SERVICE_ENDPOINT={status['endpoint']}\n")
+    return EXIT_OK
 
 
-def _last_line(path):
+def _wait_ready(child, timeout):
+    """Read the starting service's output until its ready line; (status dict, None) or (None, output lines)."""
+    import selectors
+    import subprocess
+
+    from imsa.service import READY_PREFIX
+
+    lines, pending = [], b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(child.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not selector.select(max(deadline - time.monotonic(), 0)):
+                continue
+            chunk = os.read(child.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *whole, pending = pending.split(b"\n")
+            for raw in whole:
+                line = raw.decode("utf-8", "replace")
+                if line.startswith(READY_PREFIX):
+                    child.stdout.close()
+                    return json.loads(line[len(READY_PREFIX):]), None
+                lines.append(line)
+    child.stdout.close()
+    if pending:
+        lines.append(pending.decode("utf-8", "replace"))
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            lines = [line.strip() for line in handle if line.strip()]
-    except OSError:
-        return "no log"
+        child.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        pass
+    return None, lines
+
+
+def _last_line(lines):
+    """The line of the service's output that says why it failed, without a second ``imsa: error:`` prefix."""
+    lines = [line.strip() for line in lines or () if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("imsa: error: "):
+            return line[len("imsa: error: "):]
     for line in reversed(lines):
         if "error" in line.lower():
             return line.split(": ", 2)[-1] if line.startswith("imsa[") else line

@@ -1,4 +1,4 @@
-"""~/.imsa: YAML profiles validated once into frozen Profile objects; also where the control socket lives."""
+"""~/.imsa: YAML profiles validated once into frozen Profile objects."""
 
 # difflib, getpass and hashlib are imported where they are used: imsa status and imsa export import this module.
 
@@ -328,50 +328,3 @@ def profile_names(path=None):
     except Exception:  # completion must never fail loudly
         return []
     return sorted(names)
-
-
-# --- where the control socket lives (the CLI and the service use the same lookup) ---
-
-SOCKET_NAME = "control.sock"
-
-
-def control_socket_candidates(uid=None):
-    """Where a service of *uid* may have put its control socket, most specific first."""
-    explicit = os.environ.get("IMSA_CONTROL_SOCKET")
-    if explicit:
-        return [explicit]
-    uid = os.getuid() if uid is None else uid
-    candidates = []
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.getuid() == uid:
-        candidates.append(os.path.join(runtime, "imsa", SOCKET_NAME))
-    for path in (f"/run/user/{uid}/imsa/{SOCKET_NAME}", f"/run/imsa/{SOCKET_NAME}", f"/tmp/imsa-{uid}/{SOCKET_NAME}"):
-        if path not in candidates:
-            candidates.append(path)
-    return candidates
-
-
-def control_socket_path(uid=None):
-    """The socket a client should use: the first candidate that exists, else where a new service would put it."""
-    candidates = control_socket_candidates(uid)
-    for path in candidates:
-        try:
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                return path
-        except OSError:
-            continue
-    return service_socket_path(uid)
-
-
-def service_socket_path(uid=None):
-    """Where a service for *uid* puts its socket: ``$IMSA_CONTROL_SOCKET``, the runtime dir, else /tmp/imsa-UID."""
-    explicit = os.environ.get("IMSA_CONTROL_SOCKET")
-    if explicit:
-        return explicit
-    uid = os.getuid() if uid is None else uid
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.getuid() == uid and os.path.isdir(runtime):
-        return os.path.join(runtime, "imsa", SOCKET_NAME)
-    if os.path.isdir(f"/run/user/{uid}"):
-        return f"/run/user/{uid}/imsa/{SOCKET_NAME}"
-    return f"/tmp/imsa-{uid}/{SOCKET_NAME}"

@@ -1,11 +1,14 @@
 """The service process: sockets, the 169.254.169.254 alias, privilege drop, waitress, signals, logging.
 
-Root is used for two acts only — adding the address to ``lo`` and binding port 80 — and is dropped (groups, gid,
-uid, checked) before any request is read.
+Root is used for two acts only — adding the metadata address to ``lo`` and binding sockets — and is dropped
+(capability bounding set, groups, gid, uid, checked; then no-new-privs) before any request is read. Root touches
+no path the user controls: it runs from ``/`` with an environment that names no user file, and the run directory,
+the control socket and the log are made after the drop, as the user (imsa/rundir.py).
 """
 
 import errno
 import ipaddress
+import json
 import logging
 import os
 import pwd
@@ -18,13 +21,15 @@ import sys
 import threading
 import time
 
-from imsa import config
+from imsa import rundir
 from imsa.peers import peer_credentials, peer_uids_visible, tcp_peer_uid
 from imsa.errors import ServiceError, UsageError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "169.254.169.254:80"
+# The addresses SDKs ask (IPv4 and the IPv6 one); the only ones root ever adds to lo.
+METADATA_ADDRESSES = ("169.254.169.254", "fd00:ec2::254")
 IMDS_THREADS = 8
 CONTROL_THREADS = 2
 EXEC_THREADS = 4
@@ -59,10 +64,17 @@ def parse_listen(text):
         raise UsageError(f"--listen must be HOST:PORT, not {text!r}")
     host = host.strip("[]")
     try:
-        ipaddress.ip_address(host)
+        address = ipaddress.ip_address(host)
     except ValueError:
         raise UsageError(f"--listen needs an IP address, not {host!r}") from None
-    return host, int(port)
+    # Any other address would offer the owner's credentials to the network (0.0.0.0, a LAN address), or make root
+    # add an address that captures other users' traffic to it.
+    if not address.is_loopback and str(address) not in METADATA_ADDRESSES:
+        raise UsageError(
+            f"--listen {host}: imsa listens only on a loopback address (127.0.0.1, ::1) or the metadata address "
+            f"169.254.169.254 / [fd00:ec2::254]; any other address would serve other machines"
+        )
+    return str(address), int(port)
 
 
 def endpoint_url(host, port):
@@ -86,32 +98,15 @@ def _socket_answers(path):
     return True
 
 
-def prepare_socket_dir(directory, uid, gid):
-    """Create the socket's directory 0700 for *uid*, or check that an existing one is safe to use."""
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=False)
-        if os.geteuid() == 0:
-            os.chown(directory, uid, gid)
-        return
-    except FileExistsError:
-        pass
-    info = os.lstat(directory)
-    if not stat.S_ISDIR(info.st_mode):
-        raise ServiceError(f"{directory} exists and is not a directory")
-    if info.st_uid != uid:
-        raise ServiceError(f"{directory} belongs to uid {info.st_uid}, not {uid}; refusing to put the control socket there")
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        os.chmod(directory, 0o700)
-
-
-def bind_control_socket(path, uid, gid):
-    """A listening Unix socket at *path*, 0600, owned by *uid*; a stale socket is replaced, a live one refused."""
-    prepare_socket_dir(os.path.dirname(path) or ".", uid, gid)
+def bind_control_socket(path):
+    """A listening Unix socket at *path*, 0600, in the user's own 0700 run directory (made here, after the drop);
+    a stale socket is replaced, a live one refused."""
+    rundir.make_dir(os.path.dirname(os.path.abspath(path)))
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ServiceError(f"{path} exists and is not a socket")
         if _socket_answers(path):
-            raise ServiceError(f"imsa is already running (control socket {path})")
+            raise ServiceError(f"imsa is already running (control socket {path}); stop it first: imsa stop")
         log.info("removing stale control socket %s", path)
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -120,9 +115,6 @@ def bind_control_socket(path, uid, gid):
         sock.bind(path)
     finally:
         os.umask(old_umask)
-    os.chmod(path, 0o600)
-    if os.geteuid() == 0:
-        os.chown(path, uid, gid)
     sock.listen(64)
     sock.setblocking(False)
     return sock
@@ -210,12 +202,14 @@ def _imds_channel():
 # --- the IMDS socket, the alias and privileges ---
 
 
-def bind_tcp(host, port):
-    """A listening TCP socket on host:port."""
+def bind_tcp(host, port, device=None):
+    """A listening TCP socket on host:port; with *device* (root only), it takes connections arriving there only."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
+        if device:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
         sock.bind((host, port))
     except PermissionError:
         sock.close()
@@ -229,7 +223,7 @@ def bind_tcp(host, port):
                 f"cannot bind {host}:{port}: the address is not on this machine (run 'sudo imsa start' to add it to lo)"
             ) from None
         if error.errno == errno.EADDRINUSE:
-            raise ServiceError(f"cannot bind {host}:{port}: already in use") from None
+            raise ServiceError(f"cannot bind {host}:{port}: already in use (is imsa already running? see: imsa status)") from None
         raise ServiceError(f"cannot bind {host}:{port}: {error.strerror}") from None
     sock.listen(128)
     sock.setblocking(False)
@@ -260,7 +254,9 @@ def address_is_local(host):
 
 
 def add_alias(host):
-    """Add *host*/32 to lo (root only); True when this call added it."""
+    """Add the metadata address *host* to lo as a /32 (/128) (root only); True when this call added it."""
+    if host not in METADATA_ADDRESSES:
+        raise AssertionError(f"root adds only the metadata address to lo, not {host}")
     if address_is_local(host):
         return False
     prefix = "128" if ":" in host else "32"
@@ -283,7 +279,12 @@ def remove_alias(host):
 
 
 def drop_privileges(uid, gid):
-    """Become *uid*/*gid* for good (groups, gid, uid, in that order) and check nothing of root is left."""
+    """Become *uid*/*gid* for good and check nothing of root is left.
+
+    In order: the capability bounding set is emptied (while root still may), supplementary groups are replaced by
+    the user's, then gid and uid; finally no-new-privs, so no setuid program run later can regain anything.
+    """
+    clear_capability_bounding_set()
     user = pwd.getpwuid(uid).pw_name if _has_user(uid) else None
     if user:
         os.initgroups(user, gid)
@@ -299,7 +300,102 @@ def drop_privileges(uid, gid):
         pass
     else:
         raise ServiceError("root privileges could be regained after dropping them")
-    os.environ["HOME"] = pwd.getpwuid(uid).pw_dir if user else os.environ.get("HOME", "/")
+    set_no_new_privs()
+    os.environ["HOME"] = pwd.getpwuid(uid).pw_dir if user else "/"
+
+
+# prctl(2) options (linux/prctl.h).
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"
+
+
+def _prctl(option, argument):
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, ctypes.c_ulong(argument), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def clear_capability_bounding_set():
+    """Drop every capability from the bounding set (needs CAP_SETPCAP: as root, before the drop); else a no-op."""
+    try:
+        with open(CAP_LAST_CAP_FILE, "rb") as handle:
+            last = int(handle.read())
+    except (OSError, ValueError):
+        last = 40
+    for capability in range(last + 1):
+        try:
+            _prctl(PR_CAPBSET_DROP, capability)
+        except OSError as error:  # EPERM without CAP_SETPCAP; EINVAL past the kernel's last capability
+            if error.errno == errno.EINVAL:
+                break
+            log.debug("could not clear the capability bounding set: %s", error)
+            return False
+    return True
+
+
+def set_no_new_privs():
+    """PR_SET_NO_NEW_PRIVS: neither this process nor anything it runs can gain privileges (setuid, file caps)."""
+    try:
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    except OSError as error:  # only on kernels older than 3.5
+        log.warning("could not set no-new-privs: %s", error)
+
+
+def _writable_by_others(path):
+    """The first directory or file from / down to *path* that someone other than root can change, or None."""
+    real = os.path.realpath(path)
+    parts = real.split(os.sep)
+    for end in range(1, len(parts) + 1):
+        current = os.sep + os.path.join(*parts[1:end]) if end > 1 else os.sep
+        try:
+            info = os.stat(current)
+        except OSError:
+            return None
+        if info.st_uid != 0:
+            return f"{current} belongs to uid {info.st_uid}"
+        if info.st_mode & 0o002 and not (stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX):
+            return f"{current} is writable by every user"
+        if info.st_mode & 0o020 and info.st_gid != 0 and not (stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX):
+            return f"{current} is writable by group {info.st_gid}"
+    return None
+
+
+def writable_code_warnings():
+    """Why the code ``sudo imsa start`` runs as root could be someone else's: the interpreter, imsa itself and every
+    import directory must be root's alone (README, "Install")."""
+    import imsa
+
+    places = [sys.executable, os.path.dirname(os.path.abspath(imsa.__file__))]
+    places += [entry for entry in sys.path if entry and os.path.isdir(entry)]
+    warnings, seen = [], set()
+    for place in places:
+        reason = _writable_by_others(place)
+        if reason and reason not in seen:
+            seen.add(reason)
+            warnings.append(f"imsa runs as root from code another user can change ({reason}); install it root-owned "
+                            f"(README, \"Install\")")
+    return warnings
+
+
+def sanitize_root_environment():
+    """Before anything is imported or read as root: no path from the user's environment may be used.
+
+    HOME becomes ``/`` (botocore fixes its model search path ``~/.aws/models`` at import), the AWS config and
+    credentials files become /dev/null and AWS_DATA_PATH and profile selection go, so root reads no file of the
+    user's. IMSA_*/XDG_* stay for the process after the drop, which is the user and uses them with the user's
+    rights (imsa/rundir.py); root itself never reads them.
+    """
+    for name in ("AWS_DATA_PATH", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        os.environ.pop(name, None)
+    os.environ["AWS_CONFIG_FILE"] = os.devnull
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+    os.environ["HOME"] = "/"
+    os.chdir("/")
+    os.umask(0o077)
 
 
 def _has_user(uid):
@@ -344,46 +440,46 @@ def configure_logging(level=logging.INFO):
     logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
-def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None):
-    """Serve until SIGTERM/SIGINT or a control-plane stop; returns the exit status."""
-    from imsa import container, control, imds
-    from imsa.store import Store
+def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False):
+    """Serve until SIGTERM/SIGINT or a control-plane stop; returns the exit status.
 
+    With *report_ready* (``imsa start`` in the background), one READY_PREFIX line with the status goes to stdout
+    once the service answers, and from then on stdout and stderr go to the log in the run directory.
+    """
     host, port = parse_listen(listen)
     uid, gid = target_user(user)
     _no_core_dumps()
     is_root = os.geteuid() == 0
     if not is_root and os.geteuid() != uid:
         raise UsageError("only root can start the service for another user")
+    if is_root:
+        sanitize_root_environment()
+
+    from imsa import container, control, imds
+    from imsa.store import Store
+
     tcp = inherited_socket()
     added_alias = False
     if tcp is not None:
         log.info("using the listening socket passed by systemd")
     else:
-        if is_root and not ipaddress.ip_address(host).is_loopback:
+        metadata = host in METADATA_ADDRESSES
+        if is_root and metadata:
             added_alias = add_alias(host)
         try:
-            tcp = bind_tcp(host, port)
+            # On the metadata address, only connections arriving on lo: another host or a container routed here
+            # cannot even fill the connection slots (the peer filter refuses them, but only once connected).
+            tcp = bind_tcp(host, port, device="lo" if is_root and metadata else None)
         except ServiceError:
             if added_alias:
                 remove_alias(host)
             raise
     host, port = tcp.getsockname()[:2]
-    path = config.service_socket_path(uid)
-    try:
-        unix = bind_control_socket(path, uid, gid)
-    except (ServiceError, OSError) as error:
-        tcp.close()
-        if added_alias:
-            remove_alias(host)
-        raise ServiceError(f"control socket {path}: {error}") from None
     try:
         # The container-credentials listener of `imsa exec`: 127.0.0.1 on an ephemeral port, bound with the others.
         exec_tcp = bind_tcp(container.EXEC_HOST, 0)
     except ServiceError:
         tcp.close()
-        unix.close()
-        _unlink(path)
         if added_alias:
             remove_alias(host)
         raise
@@ -395,7 +491,6 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None):
         "endpoint": endpoint_url(host, port),
         "tokens_required": not allow_imdsv1,
         "alias_added": added_alias,
-        "control_socket": path,
         "exec_endpoint": container.endpoint_url(exec_port),
     }
 
@@ -415,6 +510,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None):
     info["bindings"] = bindings.status
     control_app = control.create_app(store, uid, info, stop_soon, bindings=bindings)
     exec_app = container.create_app(bindings, store.cached, exec_port)
+    waiter_channel = None
     try:
         from waitress import wasyncore
         from waitress.server import create_server
@@ -426,19 +522,41 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None):
         sts.preload()
         _warm_up(imds_app, control_app, exec_app)
         if is_root:
-            if added_alias and _stay_to_remove_alias(host, (tcp, unix, exec_tcp)):
-                return 0
+            if added_alias:
+                stays, waiter_channel = _stay_to_remove_alias(host, (tcp, exec_tcp), report_ready)
+                if stays:
+                    return 0
             drop_privileges(uid, gid)
+        else:
+            set_no_new_privs()
         if 0 in os.getresuid():
             raise ServiceError("refusing to serve as root")
     except BaseException:
         tcp.close()
-        unix.close()
         exec_tcp.close()
-        _unlink(path)
         if added_alias and os.geteuid() == 0:
             remove_alias(host)
         raise
+
+    # From here on this process is the user: the run directory, the control socket and the log are theirs.
+    try:
+        path = rundir.service_path(uid)
+        unix = bind_control_socket(path)
+    except (ServiceError, OSError) as error:
+        tcp.close()
+        exec_tcp.close()
+        message = error.message if isinstance(error, ServiceError) else (error.strerror or str(error))
+        raise ServiceError(f"control socket {path}: {message}") from None
+    info["control_socket"] = path
+    log_path = None
+    if report_ready:
+        log_path = os.path.join(os.path.dirname(os.path.abspath(path)), rundir.LOG_NAME)
+        log_fd = rundir.open_log(os.path.dirname(log_path))
+        if waiter_channel is not None:  # the root waiter logs the alias' removal there too
+            socket.send_fds(waiter_channel, [b"log"], [log_fd])
+    if waiter_channel is not None:
+        waiter_channel.close()
+    info["log"] = log_path
 
     shared_map = {}
     # Every server here counts the connections of all of them (one map); the owner's get room above IMDS's limit.
@@ -470,6 +588,8 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None):
         "serving IMDS on %s:%d (tokens %s) for uid %d; control socket %s; exec endpoint %s",
         host, port, "optional" if allow_imdsv1 else "required", uid, path, info["exec_endpoint"],
     )
+    if report_ready:
+        _report_ready(info, log_fd)
     try:
         wasyncore.loop(timeout=1, map=shared_map, use_poll=True)
     except SystemExit:
@@ -482,9 +602,34 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None):
             server.task_dispatcher.shutdown(timeout=2)
             server.close()
         _unlink(path)
-        if added_alias and os.geteuid() == 0:
-            remove_alias(host)
     return 0
+
+
+# The line `imsa start` waits for on the service's stdout: this prefix, then the status as JSON.
+READY_PREFIX = "imsa-ready "
+
+
+def _report_ready(info, log_fd):
+    """Send stdout and stderr to the log for good, then tell the starting CLI (on the old stdout) that it answers.
+
+    The switch comes first so that nothing is written to the CLI's pipe once it may have gone away.
+    """
+    status = {key: value() if callable(value) else value for key, value in info.items() if key != "bindings"}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ready = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    try:
+        os.write(ready, (READY_PREFIX + json.dumps(status) + "\n").encode())
+    except OSError:  # the CLI gave up waiting; the service serves all the same
+        pass
+    finally:
+        os.close(ready)
 
 
 def _warm_up(*apps):
@@ -516,16 +661,27 @@ def _unlink(path):
         pass
 
 
-def _stay_to_remove_alias(host, sockets):
+def _stay_to_remove_alias(host, sockets, detach=False):
     """Fork: the child drops root and serves; this root process only waits for it, then removes the alias.
 
-    Returns True in the waiting parent (after the alias is gone), False in the child that goes on to serve.
+    Returns (True, None) in the waiting parent once the alias is gone, (False, channel) in the child that goes on
+    to serve. With *detach* the waiter lets go of the starting CLI's pipe at once and gets the log's descriptor,
+    opened by the child as the user, over *channel*: root never opens a path in the user's run directory.
     """
+    channel, waiter_end = socket.socketpair() if detach else (None, None)
     child = os.fork()
     if child == 0:
-        return False
+        if waiter_end is not None:
+            waiter_end.close()
+        return False, channel
     for sock in sockets:
         sock.close()
+    if detach:
+        channel.close()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
 
     def forward(signum, _frame):
         try:
@@ -535,6 +691,15 @@ def _stay_to_remove_alias(host, sockets):
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    if detach:
+        try:
+            _, fds, _, _ = socket.recv_fds(waiter_end, 16, 1)
+        except OSError:
+            fds = []
+        waiter_end.close()
+        if fds:
+            os.dup2(fds[0], 2)
+            os.close(fds[0])
     while True:
         try:
             _, status = os.waitpid(child, 0)
@@ -547,4 +712,4 @@ def _stay_to_remove_alias(host, sockets):
     remove_alias(host)
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
         raise SystemExit(os.WEXITSTATUS(status))
-    return True
+    return True, None

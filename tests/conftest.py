@@ -33,14 +33,27 @@ _SCRUB = (
     "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_STS", "AWS_EC2_METADATA_SERVICE_ENDPOINT", "AWS_EC2_METADATA_DISABLED", "AWS_REGION",
     "AWS_DEFAULT_REGION", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy",
-    "NO_PROXY", "no_proxy", "IMSA_CONFIG", "IMSA_CONTROL_SOCKET", "XDG_RUNTIME_DIR", "IMSA_SIGNIN_URL",
+    "NO_PROXY", "no_proxy", "IMSA_CONFIG", "IMSA_CONTROL_SOCKET", "IMSA_SERVICE_USER", "XDG_RUNTIME_DIR", "IMSA_SIGNIN_URL",
 )
+
+
+# Tests may run as root; the service refuses to serve root, so it then serves this user.
+SERVICE_USER = "nobody"
+SERVICE_UID = 65534
 
 
 def shared_tmpdir(prefix):
     """A temporary directory the service's unprivileged user can traverse (tests may run as root)."""
     path = tempfile.mkdtemp(prefix=prefix)
     os.chmod(path, 0o711)
+    return path
+
+
+def service_run_dir(prefix="imsa-test-"):
+    """A directory the service's user owns, so that it can make its run directory there after dropping root."""
+    path = shared_tmpdir(prefix)
+    if os.geteuid() == 0:
+        os.chown(path, SERVICE_UID, SERVICE_UID)
     return path
 
 
@@ -57,8 +70,10 @@ def isolated_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(home / ".aws" / "config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / ".aws" / "credentials"))
     monkeypatch.setenv("IMSA_CONFIG", str(home / ".imsa"))
-    run_dir = shared_tmpdir("imsa-test-")
+    run_dir = service_run_dir()
     monkeypatch.setenv("IMSA_CONTROL_SOCKET", os.path.join(run_dir, "run", "control.sock"))
+    if os.geteuid() == 0:  # the CLI, run as root here, expects the service of the user it serves
+        monkeypatch.setenv("IMSA_SERVICE_USER", SERVICE_USER)
     yield home
     shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -201,7 +216,7 @@ class Service:
 
 def service_user_args():
     """Tests may run as root; the service refuses root, so it serves 'nobody' then."""
-    return ["--user", "nobody"] if os.geteuid() == 0 else []
+    return ["--user", SERVICE_USER] if os.geteuid() == 0 else []
 
 
 def start_service(extra_args=(), env=None, timeout=15):

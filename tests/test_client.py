@@ -48,7 +48,7 @@ def test_a_socket_that_does_not_speak_http_means_no_usable_service(tmp_path):
     thread.start()
     try:
         with pytest.raises(ServiceNotRunning, match="cannot talk"):
-            Client(path, timeout=5).status()
+            Client(path, timeout=5, expected_uid=os.getuid()).status()
     finally:
         thread.join(timeout=5)
         listener.close()
