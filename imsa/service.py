@@ -584,12 +584,12 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     signal.signal(signal.SIGINT, on_signal)
     store.start()
     bindings.start()
+    if report_ready:
+        _report_ready(info, log_fd)
     log.info(
         "serving IMDS on %s:%d (tokens %s) for uid %d; control socket %s; exec endpoint %s",
         host, port, "optional" if allow_imdsv1 else "required", uid, path, info["exec_endpoint"],
     )
-    if report_ready:
-        _report_ready(info, log_fd)
     try:
         wasyncore.loop(timeout=1, map=shared_map, use_poll=True)
     except SystemExit:

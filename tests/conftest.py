@@ -384,3 +384,49 @@ def one_error_line(done, code):
     assert len(lines) == 1 and lines[0].startswith("imsa: error: "), done.stderr
     assert "Traceback" not in done.stderr
     return lines[0]
+
+
+def needs_root(reason="needs root: it runs processes as other users"):
+    """Skip unless root (CI runs as root, so these run there)."""
+    return pytest.mark.skipif(os.geteuid() != 0, reason=reason)
+
+
+class LocalUser:
+    """A real account on this machine: name, uid, gid and a private home the test may fill."""
+
+    def __init__(self, name):
+        import pwd
+
+        entry = pwd.getpwnam(name)
+        self.name, self.uid, self.gid = name, entry.pw_uid, entry.pw_gid
+
+    def run(self, argv, env, cwd="/", timeout=90, **kwargs):
+        """Run *argv* as this user (its own groups only), with *env*."""
+        return subprocess.run(
+            ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups", *argv], capture_output=True,
+            text=True, env=env, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL, **kwargs,
+        )
+
+    def popen(self, argv, env, cwd="/", **kwargs):
+        """Start *argv* as this user."""
+        return subprocess.Popen(
+            ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups", *argv], env=env, cwd=cwd,
+            stdin=subprocess.DEVNULL, **kwargs,
+        )
+
+
+@pytest.fixture(scope="session")
+def local_users():
+    """Two real unprivileged accounts, 'imsa-owner' (the user imsa serves) and 'imsa-other' (another local user),
+    created for this run with useradd and removed after it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create local users")
+    created = []
+    for name in ("imsa-owner", "imsa-other"):
+        if subprocess.run(["id", "-u", name], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                            "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
+            created.append(name)
+    yield LocalUser("imsa-owner"), LocalUser("imsa-other")
+    for name in created:
+        subprocess.run(["userdel", name], capture_output=True)

@@ -44,10 +44,14 @@ def test_sudo_start_serves_the_real_address_as_the_user_and_stop_removes_the_ali
     assert result["alias_before"] is False and result["alias_added"] is True and result["alias_up"] is True
     assert result["listen"] == "169.254.169.254:80"
     assert 0 not in result["server_uids"] and 0 not in result["server_gids"], result
-    assert result["server_groups"] in ([], ["65534"])
+    # Started with root's groups 4 and 27 and unlimited core dumps: the server keeps neither.
+    assert result["waiter_groups"] == ["4", "27"], "the precondition holds"
+    assert result["server_groups"] == ["65534"]
     # The root process that stays behind only waits to remove the alias: it holds no socket at all.
     assert result["waiter_uid"] == 0 and result["waiter_sockets"] == 0
-    assert result["server_core_limit"] == "0"
+    assert result["server_core_limit"] == ["0", "0"]
+    assert result["server_no_new_privs"] == ["1"]
+    assert result["server_bounding_set"] == ["0000000000000000"] and result["server_effective"] == ["0000000000000000"]
     assert result["assume"][0] == 0, result["assume"]
     assert result["aws"][0] == 0, result["aws"]
     assert result["aws"][1] == "arn:aws:sts::123456789012:assumed-role/role-a/netns-a"
