@@ -13,6 +13,9 @@ from imsa import __version__
 from imsa.errors import EXIT_ERROR, EXIT_INTERRUPTED, ImsaError
 
 
+MFA_HELP = "the 6-digit MFA code, or - to read it from stdin (else mfa_process or a prompt)"
+
+
 def _complete_profiles(prefix, **_kwargs):
     from imsa import config
 
@@ -44,12 +47,12 @@ def build_parser():
 
     assume = commands.add_parser("assume", help="make PROFILE the role every SDK on the machine gets")
     assume.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
-    assume.add_argument("--mfa-token", metavar="CODE", help="the 6-digit MFA code (else mfa_process or a prompt)")
+    assume.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
 
     export = commands.add_parser("export", help="print shell exports of PROFILE's credentials")
     export.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
     export.add_argument("--format", choices=("sh", "fish", "json"), default="sh", help="output format (default sh)")
-    export.add_argument("--mfa-token", metavar="CODE", help="the 6-digit MFA code (else mfa_process or a prompt)")
+    export.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
 
     run_as = commands.add_parser(
         "exec", help="run a command with PROFILE's role (refreshed through a container-credentials endpoint)",
@@ -69,14 +72,14 @@ def build_parser():
     console.add_argument("--print", action="store_true", dest="print_url", help="print the sign-in URL instead of opening it")
     console.add_argument("--duration", type=int, metavar="S", help="console session length in seconds, 900-43200")
     console.add_argument("--destination", metavar="URL", help="the console page to land on")
-    console.add_argument("--mfa-token", metavar="CODE", help="the 6-digit MFA code (else mfa_process or a prompt)")
+    console.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
     return parser
 
 
 def _add_exec_options(parser):
     parser.add_argument("--mode", choices=("ecs", "static"), default="ecs",
                         help="ecs: refreshed through the service's endpoint (default); static: plain AWS_* variables")
-    parser.add_argument("--mfa-token", metavar="CODE", help="the 6-digit MFA code (else mfa_process or a prompt)")
+    parser.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
 
 
 def _exec_command(args):

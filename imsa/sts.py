@@ -197,9 +197,15 @@ class MfaSource:
 
     def code(self):
         """One 6-digit code."""
+        if self.given == "-":  # one line from stdin: a code in argv is visible to every user in ps
+            import sys
+
+            self.given = (sys.stdin.readline() if sys.stdin is not None else "").strip()
+            if not MFA_CODE.match(self.given):
+                raise MfaError("--mfa-token -: the line read from stdin is not a 6-digit MFA code")
         if self.given is not None:
             if not MFA_CODE.match(self.given):
-                raise MfaError("--mfa-token must be 6 digits")
+                raise MfaError("--mfa-token must be 6 digits, or - to read the code from stdin")
             return self.given
         if self.profile.mfa_process:
             return run_mfa_process(self.profile.mfa_process)

@@ -168,6 +168,148 @@ def real_address():
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def sudo_start_traced():
+    """A real `sudo imsa start` by an unprivileged user (a sudoers rule for it, a preserved HOME, IMSA_* and XDG_*),
+    traced with strace -f: every file syscall imsa makes while it is root, with the path it names."""
+    import pwd
+    import re
+    import tempfile
+    import time
+
+    owner = pwd.getpwnam(os.environ["IMSA_TEST_OWNER"])
+    imsa = os.path.join(os.path.dirname(sys.executable), "imsa")
+    setup_lo()
+    home = tempfile.mkdtemp(prefix="imsa-traced-home-")
+    os.chown(home, owner.pw_uid, owner.pw_gid)
+    trace = tempfile.NamedTemporaryFile(prefix="imsa-trace-", delete=False).name
+    rule = f"/etc/sudoers.d/imsa-test-{os.getpid()}"
+    with open(rule, "w") as handle:
+        handle.write(f'Defaults:{owner.pw_name} env_keep += "HOME IMSA_CONTROL_SOCKET XDG_RUNTIME_DIR"\n'
+                     f"{owner.pw_name} ALL=(root) NOPASSWD: {imsa} start, {imsa} stop\n")
+    os.chmod(rule, 0o440)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": home, "XDG_RUNTIME_DIR": os.path.join(home, "xdg"),
+           "IMSA_CONTROL_SOCKET": os.path.join(home, "run", "control.sock")}
+    user = ["setpriv", f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}", "--init-groups"]
+    result = {}
+    try:
+        # strace -f follows the service it starts, so it runs until `imsa stop`: the start is over once the service
+        # answers its user (bounded), and strace's own exit status is that of `sudo imsa start`.
+        output = tempfile.TemporaryFile()
+        tracer = subprocess.Popen(
+            ["strace", "-f", "-qq", "-s", "4096", "-o", trace, "-e", "trace=file,process,setresuid,setuid,setreuid",
+             *user, "sudo", "-n", imsa, "start"],
+            stdout=output, stderr=output, env=env, cwd=home, stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and tracer.poll() is None:
+            status = subprocess.run([*user, imsa, "status"], capture_output=True, text=True, env=env, cwd=home,
+                                    timeout=60, stdin=subprocess.DEVNULL)
+            if status.returncode in (0, 1):  # answering (1: no role assumed yet)
+                break
+            time.sleep(0.2)
+        stopped = subprocess.run([*user, imsa, "stop"], capture_output=True, text=True, env=env, cwd=home,
+                                 timeout=60, stdin=subprocess.DEVNULL)
+        result["stop"] = [stopped.returncode, stopped.stderr]
+        try:
+            tracer.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            tracer.wait()
+        output.seek(0)
+        result["start"] = [tracer.returncode, output.read().decode(errors="replace")[-2000:]]
+        deadline = time.monotonic() + 10
+        while IMDS_IP in _lo_addresses() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result["alias_after"] = IMDS_IP in _lo_addresses()
+        with open(trace, errors="replace") as handle:
+            result.update(_root_file_calls(handle.read().splitlines(), home, owner.pw_uid, imsa))
+        return result
+    finally:
+        os.unlink(rule)
+        os.unlink(trace)
+        import shutil
+
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _root_file_calls(lines, cwd, owner_uid, imsa):
+    """From an strace -f log: the paths imsa's processes named in file syscalls while their euid was 0, and those of
+    them that lie in a place the owner controls (the path or a directory above it belongs to the owner)."""
+    import re
+
+    call = re.compile(r'^(\d+) +(?:<\.\.\. (\w+) resumed>|(\w+)\((.*))')
+    pending = {}
+    state = {}  # pid -> {"root": bool, "imsa": bool, "cwd": str}
+    first = None
+    root_paths, touched, unresolved = [], [], []
+    for line in lines:
+        match = call.match(line)
+        if not match:
+            continue
+        pid = int(match.group(1))
+        if first is None:
+            first = pid
+            state[pid] = {"root": True, "imsa": False, "cwd": cwd, "fds": {}}
+        me = state.setdefault(pid, {"root": True, "imsa": False, "cwd": cwd, "fds": {}})
+        if match.group(2):  # the end of a call that was interrupted: its start holds the arguments
+            name, rest = match.group(2), pending.pop(pid, "") + line.split("resumed>", 1)[1]
+        else:
+            name, rest = match.group(3), match.group(4)
+            if rest.endswith("<unfinished ...>"):
+                pending[pid] = rest[: -len("<unfinished ...>")]
+                continue
+        result = rest.rsplit(" = ", 1)[-1].split()[0] if " = " in rest else "?"
+        strings = re.findall(r'"((?:[^"\\]|\\.)*)"', rest)
+        if name in ("clone", "clone3", "fork", "vfork") and result.isdigit():
+            state[int(result)] = dict(me, fds=dict(me["fds"]))
+            continue
+        if name == "execve" and result == "0" and strings:
+            me["imsa"] = strings[0] == imsa or "python" in os.path.basename(strings[0]) or me["imsa"]
+            if strings[0].endswith("/sudo"):
+                me["root"] = True  # a setuid program
+            continue
+        if name in ("setresuid", "setuid", "setreuid") and result == "0":
+            numbers = [int(x) for x in re.findall(r"-?\d+", rest.split(")")[0])]
+            euid = numbers[1] if name != "setuid" and len(numbers) > 1 else numbers[0]
+            if euid != -1:
+                me["root"] = euid == 0
+            continue
+        if name == "chdir" and result == "0" and strings:
+            me["cwd"] = os.path.normpath(os.path.join(me["cwd"], strings[0]))
+            continue
+        if not (me["root"] and me["imsa"] and strings) or strings[0] == "":
+            continue  # not root, not imsa, or fstat(fd) (newfstatat with an empty path): no path is named
+        base = me["cwd"]
+        dirfd = re.match(r"(\d+), ", rest)
+        if dirfd and not strings[0].startswith("/"):  # relative to a directory descriptor opened earlier
+            base = me["fds"].get(int(dirfd.group(1)))
+            if base is None:
+                unresolved.append(f"{name} {strings[0]}")
+                continue
+        path = os.path.normpath(os.path.join(base, strings[0]))
+        if name in ("open", "openat") and result.isdigit():
+            me["fds"][int(result)] = path
+        root_paths.append(path)
+        if _owner_controls(path, owner_uid):
+            touched.append(f"{name} {path}")
+    return {"root_paths": len(root_paths), "touched": touched, "unresolved": unresolved,
+            "saw_drop": any(not s["root"] and s["imsa"] for s in state.values())}
+
+
+def _owner_controls(path, owner_uid):
+    current = path
+    while True:
+        try:
+            if os.lstat(current).st_uid == owner_uid:
+                return True
+        except OSError:
+            pass
+        parent = os.path.dirname(current)
+        if parent == current:
+            return False
+        current = parent
+
+
 CONTAINER_CLIENT = r"""
 import json, socket, sys
 sys.path.insert(0, sys.argv[1])

@@ -221,3 +221,17 @@ def test_fish_quoting_round_trips_through_a_real_fish(value):
                           capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
     assert done.stdout == value
+
+
+def test_mfa_token_dash_reads_the_code_from_stdin_so_it_never_shows_in_ps(isolated_env, service, sts_env):
+    write_config(isolated_env, sts_env)
+    done = run_imsa("assume", "a", "--mfa-token", "-", input=MFA_CODE + "\n")
+    assert done.returncode == 0, done.stderr
+    assert "new MFA session" in done.stderr
+    assert run_imsa("status").returncode == 0
+
+
+def test_mfa_token_dash_with_no_code_on_stdin_exits_4_with_one_line(isolated_env, service, sts_env):
+    write_config(isolated_env, sts_env)
+    done = run_imsa("assume", "a", "--mfa-token", "-", input="")
+    assert "stdin is not a 6-digit MFA code" in one_error_line(done, 4)

@@ -59,3 +59,20 @@ def test_sudo_start_serves_the_real_address_as_the_user_and_stop_removes_the_ali
     assert result["stop"][0] == 0, result["stop"]
     assert result["waiter_gone"] is True
     assert result["alias_after"] is False
+
+
+def test_sudo_start_touches_no_path_the_user_controls_while_root(isolated_env, local_users):
+    # A real sudo with a rule for the user, which also keeps HOME, IMSA_CONTROL_SOCKET and XDG_RUNTIME_DIR: under
+    # strace -f, no file syscall imsa makes as root names a path that is (or lies under) one of the user's.
+    owner = local_users[0]
+    os.environ["IMSA_TEST_OWNER"] = owner.name
+    try:
+        result = run_scenario("sudo_start_traced")
+    finally:
+        del os.environ["IMSA_TEST_OWNER"]
+    assert result["start"][0] == 0, result["start"]
+    assert result["stop"][0] == 0, result["stop"]
+    assert result["saw_drop"] and result["root_paths"] > 100, result  # the trace saw imsa as root, then dropped
+    assert result["touched"] == [], result["touched"]
+    assert result["unresolved"] == [], result["unresolved"]
+    assert result["alias_after"] is False

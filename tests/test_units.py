@@ -47,6 +47,7 @@ def test_installed_units_run_the_user_with_no_capabilities(tmp_path):
     assert (units / "imsa.service.d" / "user.conf").read_text() == "[Service]\nUser=nobody\nGroup=nogroup\n"
     sock = (units / "imsa.socket").read_text()
     assert "ListenStream=169.254.169.254:80" in sock
+    assert "\nBindToDevice=lo\n" in sock
     assert "ip address add 169.254.169.254/32 dev lo" in sock and "ip address del 169.254.169.254/32 dev lo" in sock
     assert not [line for line in sock.splitlines() if "/24" in line and not line.startswith("#")]
 
