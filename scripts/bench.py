@@ -659,7 +659,7 @@ def machine():
 
 def isolate(work):
     """An environment like the tests': fresh HOME and config, no real AWS credentials, no proxies."""
-    from conftest import _SCRUB
+    from conftest import _SCRUB, SERVICE_USER, service_run_dir
 
     for name in _SCRUB:
         os.environ.pop(name, None)
@@ -667,8 +667,7 @@ def isolate(work):
     os.makedirs(os.path.join(home, ".aws"))
     for name in ("config", "credentials"):
         open(os.path.join(home, ".aws", name), "w").close()
-    run_dir = tempfile.mkdtemp(prefix="imsa-bench-run-")
-    os.chmod(run_dir, 0o711)  # the service may serve as 'nobody' and must reach its socket directory
+    run_dir = service_run_dir("imsa-bench-run-")  # the service may serve as 'nobody', who makes its run dir there
     os.environ.update({
         "HOME": home,
         "AWS_CONFIG_FILE": os.path.join(home, ".aws", "config"),
@@ -679,6 +678,8 @@ def isolate(work):
         "AWS_DEFAULT_REGION": "us-east-1",
         "NO_PROXY": "127.0.0.1,localhost",
     })
+    if os.geteuid() == 0:
+        os.environ["IMSA_SERVICE_USER"] = SERVICE_USER
     return home, run_dir
 
 

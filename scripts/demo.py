@@ -49,6 +49,10 @@ def recorded_actions(path):
 def main():
     workdir = tempfile.mkdtemp(prefix="imsa-demo-")
     os.chmod(workdir, 0o711)
+    run_dir = os.path.join(workdir, "service")
+    os.mkdir(run_dir, 0o700)
+    if os.geteuid() == 0:
+        os.chown(run_dir, 65534, 65534)
     home = os.path.join(workdir, "home")
     os.makedirs(home)
     recording = os.path.join(workdir, "sts-requests.jsonl")
@@ -82,13 +86,16 @@ def main():
             "PATH": BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": home,
             "IMSA_CONFIG": config,
-            "IMSA_CONTROL_SOCKET": os.path.join(workdir, "run", "control.sock"),
+            "IMSA_CONTROL_SOCKET": os.path.join(run_dir, "run", "control.sock"),
             "AWS_ENDPOINT_URL_STS": info["endpoint"],
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_CONFIG_FILE": os.path.join(home, "aws-config"),
             "AWS_SHARED_CREDENTIALS_FILE": os.path.join(home, "aws-credentials"),
         }
-        user = ["--user", "nobody"] if os.geteuid() == 0 else []
+        user = []
+        if os.geteuid() == 0:  # imsa never serves root: the demo's service serves 'nobody', which makes its own run
+            user = ["--user", "nobody"]  # directory (in one it owns) once root is dropped
+            env["IMSA_SERVICE_USER"] = "nobody"
         print("demo: ~/.imsa has profiles work (keys + MFA device), admin, readonly and deploy (roles)")
         exports = show(["imsa", "start", "--listen", "127.0.0.1:0", *user], env)
         service_started = True
