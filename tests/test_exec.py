@@ -532,6 +532,36 @@ def test_shadowing_variables_are_removed_and_the_profile_is_named(active_service
     assert got["arn"].endswith(":assumed-role/role-d/tester-r")
 
 
+# Every variable imsa exec takes out of the command's environment (or replaces): each would make an SDK use other
+# credentials than imsa's. Written out here, not imported, so that dropping one from the code fails this test.
+REMOVED = {
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CREDENTIAL_EXPIRATION",
+    "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN", "AWS_ROLE_SESSION_NAME", "IMSA_PROFILE_EXPIRATION",
+}
+# Look-alikes that must pass through untouched.
+KEPT = {"AWS_DEFAULT_OUTPUT", "AWS_PAGER", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_SDK_LOAD_CONFIG", "IMSA_NOTE"}
+
+ENV_DUMP = "import json, os; print(json.dumps(dict(os.environ)))"
+
+
+@pytest.mark.parametrize("mode", ["ecs", "static"])
+def test_exactly_the_shadowing_variables_are_removed_or_replaced(active_service, mode):
+    env = child_env(**{name: f"outer-{name.lower()}" for name in REMOVED | KEPT})
+    done = run_imsa("exec", "b", "--mode", mode, "--", sys.executable, "-c", ENV_DUMP, env=env)
+    assert done.returncode == 0, done.stderr
+    inner = json.loads(done.stdout)
+    ours = {name for name in env if name.startswith(("AWS_", "IMSA_"))}
+    assert {name for name in ours if inner.get(name) != env[name]} == REMOVED
+    assert {name for name in inner if name.startswith(("AWS_", "IMSA_"))} - ours == {"IMSA_PROFILE"}
+    if mode == "ecs":
+        assert set(inner) & REMOVED == {"AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN"}
+    else:
+        assert set(inner) & REMOVED == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                                        "AWS_CREDENTIAL_EXPIRATION", "IMSA_PROFILE_EXPIRATION"}
+
+
 def test_a_nested_exec_says_the_inner_profile_wins(active_service, sts_env):
     before = sts_env.mark()
     done = run_imsa("exec", "b", "--", sys.executable, "-m", "imsa", "exec", "c", "--", sys.executable, "-c", DUMP,
