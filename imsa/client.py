@@ -147,7 +147,7 @@ class Client:
         return self._call("POST", "/credentials", spec)
 
     def create_binding(self, spec):
-        """A container-credentials binding for *spec*, owned by this process: {id, token, url, expiration}."""
+        """Register this process as an ``imsa exec`` running *spec* (the service keeps it rotated): {id, expiration}."""
         return self._call("POST", "/bindings", spec)
 
     def revoke_binding(self, binding_id):

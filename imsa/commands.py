@@ -288,10 +288,10 @@ def status(as_json=False, io=None, client=None):
         io.data(json.dumps(data, indent=2, sort_keys=True) + "\n")
     else:
         lines = [f"service:    pid {data.get('pid')} on {data.get('listen')} (tokens {'required' if data.get('tokens_required') else 'optional'})"]
-        if data.get("exec_endpoint"):
-            bindings = data.get("bindings") or []
+        bindings = data.get("bindings") or []
+        if bindings:
             running = ", ".join(sorted({binding["profile"] for binding in bindings}))
-            lines.append(f"exec:       {data['exec_endpoint']} ({len(bindings)} running{': ' + running if running else ''})")
+            lines.append(f"exec:       {len(bindings)} running: {running}")
         if active:
             expiration = parse_time(active["expiration"])
             lines.append(f"profile:    {active['profile']}")

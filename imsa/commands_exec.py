@@ -1,5 +1,9 @@
 """``imsa exec`` and ``imsa credential-process``: one profile's credentials for one process, from the service's session.
 
+In ecs mode ``imsa exec`` serves its command itself (container.py) on a port it keeps bound for the command's
+whole life, and fetches each answer from the service over the control socket; the service only records which
+profile the running exec uses (execs.py), to keep it rotated.
+
 Plain functions returning exit codes, like commands.py: no argparse, no sys.exit, no Flask.
 """
 
@@ -8,6 +12,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 
 from imsa import commands, sts
 from imsa.client import Client
@@ -68,8 +73,9 @@ def _terminal_delivers_sigint():
         os.close(fd)
 
 
-def run_child(command, env, popen=subprocess.Popen):
-    """Run *command* with *env*, forwarding SIGINT/SIGTERM; its exit status, or 128+N when signal N ended it."""
+def run_child(command, env, popen=subprocess.Popen, pass_fds=()):
+    """Run *command* with *env* (and the descriptors *pass_fds*), forwarding SIGINT/SIGTERM; its exit status, or
+    128+N when signal N ended it."""
     state = {"child": None, "pending": []}
 
     def forward(signum, _frame):
@@ -87,7 +93,7 @@ def run_child(command, env, popen=subprocess.Popen):
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     try:
         try:
-            state["child"] = popen(command, env=env)
+            state["child"] = popen(command, env=env, pass_fds=pass_fds) if pass_fds else popen(command, env=env)
         except FileNotFoundError:
             raise CommandNotRun(f"command not found: {command[0]}", EXIT_NOT_FOUND) from None
         except PermissionError:
@@ -137,19 +143,71 @@ def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None
             f"{error}; or run with --mode static (plain AWS_* variables, not refreshed)"
         ) from None
     ensure_session(profile, client, sts.MfaSource(profile, mfa_token, prompt), io, sts_factory)
-    binding = client.create_binding(profile.role_spec())
+    from imsa import container
+
+    spec = profile.role_spec()
+    source = ServiceCredentials(client, spec)
+    source.register()  # STS errors surface now, not in the command's first call
     try:
-        log.info("%s: container credentials endpoint %s (binding %s)", name, binding["url"], binding["id"])
-        values = {
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI": binding["url"],
-            "AWS_CONTAINER_AUTHORIZATION_TOKEN": binding["token"],
-        }
-        return run_child(command, child_environment(environ, profile, values), popen)
+        with container.Endpoint(source, profile.name, role_arn=spec["role_arn"]) as endpoint:
+            log.info("%s: container credentials endpoint %s", name, endpoint.url)
+            values = {
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI": endpoint.url,
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN": endpoint.token,
+            }
+            # The command holds the listening socket too: its port cannot be taken by anyone while it runs.
+            return run_child(command, child_environment(environ, profile, values), popen, pass_fds=(endpoint.fileno(),))
     finally:
+        source.revoke()
+
+
+class ServiceCredentials:
+    """The profile's credentials as the service holds them, asked for on each request of the command's SDK.
+
+    While the command runs the service has a binding for it (execs.py), so it keeps the role rotated and
+    ``imsa status`` shows it; a service started again meanwhile gets a new binding on the next request.
+    """
+
+    def __init__(self, client, spec):
+        self._client = client
+        self._spec = spec
+        self._lock = threading.Lock()
+        self._binding = None
+
+    def register(self):
+        """Tell the service this process runs the profile (it pins it); StsError when it cannot make credentials."""
+        with self._lock:
+            if self._binding is None:
+                self._binding = self._client.create_binding(self._spec)["id"]
+
+    def revoke(self):
+        """End the binding; a service that is gone has ended it already."""
+        with self._lock:
+            binding, self._binding = self._binding, None
+        if binding is None:
+            return
         try:
-            client.revoke_binding(binding["id"])
-        except ImsaError as error:  # the service is gone: so is the binding
-            log.info("revoking binding %s: %s", binding["id"], error)
+            self._client.revoke_binding(binding)
+        except ImsaError as error:
+            log.info("revoking binding %s: %s", binding, error)
+
+    def __call__(self):
+        """Credentials for the profile now; container.Unavailable with the command to run when there are none."""
+        from imsa.container import Unavailable
+
+        name = self._spec["profile"]
+        try:
+            self.register()
+            return Credentials.from_json(self._client.credentials(self._spec))
+        except ServiceNotRunning:
+            with self._lock:
+                self._binding = None  # whatever service starts next knows nothing of this exec
+            raise Unavailable(f"the imsa service is not running; run: imsa start, then imsa assume {name}") from None
+        except (ImsaError, ValueError) as error:
+            message = str(error)
+            if "imsa assume" not in message:
+                message = f"imsa has no valid credentials for profile {name!r} ({message}); run: imsa assume {name}"
+            raise Unavailable(message) from None
 
 
 # --- credential_process ---

@@ -29,7 +29,7 @@ class BadRequest(Exception):
 
 def create_app(store, owner_uid, info, on_stop, bindings=None):
     """The control Flask app; *info* is a dict merged into status (a callable value is called each time), *on_stop*
-    ends the service; *bindings* (a container.BindingTable) adds the routes of ``imsa exec``: POST /bindings and
+    ends the service; *bindings* (an execs.BindingTable) adds the routes of ``imsa exec``: POST /bindings and
     POST /bindings/revoke."""
     app = Flask("imsa.control")
 
@@ -119,23 +119,23 @@ def create_app(store, owner_uid, info, on_stop, bindings=None):
         return jsonify(store.credentials_for(spec).to_json())
 
     if bindings is not None:
-        from imsa.container import BindingError
+        from imsa.execs import BindingError
 
         @app.post("/bindings")
         def bind():
             spec = spec_from(body())
             # The binding lives as long as the process that asked for it: its pid comes from SO_PEERCRED, not
-            # from the body, so no caller can tie a token to some other long-lived process.
+            # from the body, so no caller can keep a role pinned for some other long-lived process.
             pid = request.environ.get("imsa.peer_pid")
             if not isinstance(pid, int) or pid <= 0:
                 raise BadRequest("the caller's pid is not visible to the service (another pid namespace?); no binding")
-            creds = store.credentials_for(spec)  # STS errors surface now (502), not in the child's first call
+            creds = store.credentials_for(spec)  # STS errors surface now (502), not in the command's first call
             try:
-                binding_id, token = bindings.create(spec, pid)
+                binding_id = bindings.create(spec, pid)
             except BindingError as error:
                 raise BadRequest(str(error), 503) from None
-            return jsonify(id=binding_id, token=token, url=info.get("exec_endpoint"), profile=spec.profile,
-                           role_arn=spec.role_arn, expiration=format_time(creds.expiration))
+            return jsonify(id=binding_id, profile=spec.profile, role_arn=spec.role_arn,
+                           expiration=format_time(creds.expiration))
 
         @app.post("/bindings/revoke")
         def revoke():

@@ -32,7 +32,6 @@ DEFAULT_LISTEN = "169.254.169.254:80"
 METADATA_ADDRESSES = ("169.254.169.254", "fd00:ec2::254")
 IMDS_THREADS = 8
 CONTROL_THREADS = 2
-EXEC_THREADS = 4
 # A client that sends nothing for this long is dropped; waitress buffers requests, so slow clients cost no thread.
 CHANNEL_TIMEOUT = 30
 # Slow clients (tests/test_attacks.py). waitress drops a connection only after CHANNEL_TIMEOUT of *silence*, so
@@ -455,7 +454,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     if is_root:
         sanitize_root_environment()
 
-    from imsa import container, control, imds
+    from imsa import control, execs, imds
     from imsa.store import Store
 
     tcp = inherited_socket()
@@ -475,15 +474,6 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
                 remove_alias(host)
             raise
     host, port = tcp.getsockname()[:2]
-    try:
-        # The container-credentials listener of `imsa exec`: 127.0.0.1 on an ephemeral port, bound with the others.
-        exec_tcp = bind_tcp(container.EXEC_HOST, 0)
-    except ServiceError:
-        tcp.close()
-        if added_alias:
-            remove_alias(host)
-        raise
-    exec_port = exec_tcp.getsockname()[1]
     store = Store()
     info = {
         "pid": os.getpid,  # read at each status request: after the fork below it is the serving child's
@@ -491,7 +481,6 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
         "endpoint": endpoint_url(host, port),
         "tokens_required": not allow_imdsv1,
         "alias_added": added_alias,
-        "exec_endpoint": container.endpoint_url(exec_port),
     }
 
     def stop_soon():
@@ -506,10 +495,9 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     imds_app = imds.create_app(store.served, host, port, require_token=not allow_imdsv1, peer_uids=peer_uids)
     # How many IMDSv2 tokens are held (bounded by imds.MAX_TOKENS): read at each status request.
     info["imds_tokens"] = imds_app.config["imsa.tokens"].__len__
-    bindings = container.BindingTable(store)
+    bindings = execs.BindingTable(store)
     info["bindings"] = bindings.status
     control_app = control.create_app(store, uid, info, stop_soon, bindings=bindings)
-    exec_app = container.create_app(bindings, store.cached, exec_port)
     waiter_channel = None
     try:
         from waitress import wasyncore
@@ -520,10 +508,10 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
         # Everything is imported, the STS model loaded and each app run once while the files are surely readable:
         # after the drop, the served user may not be able to read the Python installation (e.g. under /root).
         sts.preload()
-        _warm_up(imds_app, control_app, exec_app)
+        _warm_up(imds_app, control_app)
         if is_root:
             if added_alias:
-                stays, waiter_channel = _stay_to_remove_alias(host, (tcp, exec_tcp), report_ready)
+                stays, waiter_channel = _stay_to_remove_alias(host, (tcp,), report_ready)
                 if stays:
                     return 0
             drop_privileges(uid, gid)
@@ -533,7 +521,6 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
             raise ServiceError("refusing to serve as root")
     except BaseException:
         tcp.close()
-        exec_tcp.close()
         if added_alias and os.geteuid() == 0:
             remove_alias(host)
         raise
@@ -544,7 +531,6 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
         unix = bind_control_socket(path)
     except (ServiceError, OSError) as error:
         tcp.close()
-        exec_tcp.close()
         message = error.message if isinstance(error, ServiceError) else (error.strerror or str(error))
         raise ServiceError(f"control socket {path}: {message}") from None
     info["control_socket"] = path
@@ -569,13 +555,6 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
         max_request_body_size=1 << 20, **common,
     )
     control_server.channel_class = _peer_cred_channel()
-    # Any local process can reach the exec endpoint, as it can IMDS: the same deadline and connection limit, so a
-    # flood there cannot take the owner's control socket down either.
-    exec_server = create_server(
-        exec_app, sockets=[exec_tcp], threads=EXEC_THREADS, max_request_header_size=16384,
-        max_request_body_size=65536, **dict(common, connection_limit=IMDS_CONNECTION_LIMIT),
-    )
-    exec_server.channel_class = _deadline_channel()
 
     def on_signal(signum, _frame):
         raise SystemExit(0)
@@ -587,8 +566,8 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     if report_ready:
         _report_ready(info, log_fd)
     log.info(
-        "serving IMDS on %s:%d (tokens %s) for uid %d; control socket %s; exec endpoint %s",
-        host, port, "optional" if allow_imdsv1 else "required", uid, path, info["exec_endpoint"],
+        "serving IMDS on %s:%d (tokens %s) for uid %d; control socket %s",
+        host, port, "optional" if allow_imdsv1 else "required", uid, path,
     )
     try:
         wasyncore.loop(timeout=1, map=shared_map, use_poll=True)
@@ -598,7 +577,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
         log.info("stopping")
         bindings.stop()
         store.stop()
-        for server in (imds_server, control_server, exec_server):
+        for server in (imds_server, control_server):
             server.task_dispatcher.shutdown(timeout=2)
             server.close()
         _unlink(path)

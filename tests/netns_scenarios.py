@@ -462,22 +462,60 @@ def container():
         sts.stop()
 
 
+# An `imsa exec` command that prints its endpoint and token, then waits for stdin to close.
+EXEC_CHILD = (
+    "import json, os, sys\n"
+    "names = ('AWS_CONTAINER_CREDENTIALS_FULL_URI', 'AWS_CONTAINER_AUTHORIZATION_TOKEN')\n"
+    "print(json.dumps([os.environ[name] for name in names]), flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
 def exec_peer_filter():
-    """The exec endpoint (127.0.0.1) refuses a client whose source address is another local address."""
-    from conftest import http, start_service, stop_process
+    """An `imsa exec` command's endpoint (on 127.0.0.1) refuses a client whose source is another local address, even
+    one that has the command's token; the same request from 127.0.0.1 is served."""
+    import yaml
+
+    from conftest import MFA_CODE, MFA_SERIAL, http, run_imsa, start_service, start_sts, stop_process
 
     setup_lo(OUTSIDER_IP)
-    service = start_service()
+    sts = start_sts()
+    service = running = None
     try:
-        url = service.client.status()["exec_endpoint"]
+        alice = sts.users["alice"]
+        with open(os.environ["IMSA_CONFIG"], "w") as handle:
+            yaml.safe_dump({
+                "base": {"aws_access_key_id": alice["aws_access_key_id"],
+                         "aws_secret_access_key": alice["aws_secret_access_key"], "mfa_serial_number": MFA_SERIAL},
+                "b": {"extends": "base", "role_arn": sts.roles["role-b"], "role_session_name": "exec-b"},
+            }, handle)
+        os.chmod(os.environ["IMSA_CONFIG"], 0o600)
+        env = dict(os.environ, AWS_ENDPOINT_URL_STS=sts.endpoint)
+        service = start_service(env=env)
+        assumed = run_imsa("assume", "b", "--mfa-token", MFA_CODE, env=env)
+        if assumed.returncode != 0:
+            return {"assume": assumed.stderr}
+        running = subprocess.Popen([sys.executable, "-m", "imsa", "exec", "b", "--", sys.executable, "-c", EXEC_CHILD],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                   text=True)
+        line = running.stdout.readline()
+        if not line:
+            return {"exec": running.stderr.read()}
+        url, token = json.loads(line)
         port = int(url.split("/")[2].rsplit(":", 1)[1])
         results = {}
         for name, source in (("outsider", OUTSIDER_IP), ("loopback", "127.0.0.1")):
-            status, _, body = http("127.0.0.1", port, "GET", "/credentials", source=source)
-            results[name] = [status, body.decode(errors="replace")]
+            status, _, body = http("127.0.0.1", port, "GET", "/credentials", {"Authorization": token}, source=source)
+            text = body.decode(errors="replace")
+            results[name] = [status, text[:300], "SecretAccessKey" in text]
         return results
     finally:
-        stop_process(service.process)
+        if running is not None:
+            running.stdin.close()
+            stop_process(running)
+        if service is not None:
+            stop_process(service.process)
+        sts.stop()
 
 
 if __name__ == "__main__":

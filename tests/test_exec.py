@@ -1,21 +1,30 @@
-"""imsa exec: the container-credentials endpoint over real sockets, its bindings, and real clients as the child."""
+"""imsa exec: its container-credentials endpoint over real sockets, the service's bindings, and real clients as the
+child."""
 
+import datetime
 import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import boto3
 import pytest
-from botocore.utils import ContainerMetadataFetcher
+from botocore.utils import ContainerMetadataFetcher, MetadataRetrievalError
 
 from conftest import MFA_CODE, http, run_imsa, stop_process, write_config
 from conftest import control_post as conftest_control_post
-from imsa.container import BindingError, BindingTable
+from imsa import container
+from imsa.credentials import Credentials, utcnow
+from imsa.execs import BindingError, BindingTable
 from imsa.store import RoleSpec
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="running a process as another uid needs root")
+# A uid that is neither this suite's, nor the service's ('nobody' when the suite runs as root: conftest).
+OTHER_UID = 65533
 
 AWS = os.path.join(os.path.dirname(sys.executable), "aws")
 STAMP = "%Y-%m-%dT%H:%M:%SZ"
@@ -35,7 +44,8 @@ if creds:
 print(json.dumps(out))
 """
 
-# A child that prints its endpoint and token, then waits for a line on stdin (or a signal) and exits with it.
+# A child that prints its endpoint and token, then reads lines on stdin: "fetch" GETs its credentials as an SDK
+# does and prints the answer, "sdk" loads them with botocore's ContainerProvider, a number (or EOF) ends it.
 WAIT = r"""
 import json, os, signal, sys
 def caught(signum, _frame):
@@ -43,10 +53,32 @@ def caught(signum, _frame):
     sys.exit(40 + signum)
 signal.signal(signal.SIGTERM, caught)
 signal.signal(signal.SIGINT, caught)
-print(json.dumps({"url": os.environ["AWS_CONTAINER_CREDENTIALS_FULL_URI"],
-                  "token": os.environ["AWS_CONTAINER_AUTHORIZATION_TOKEN"], "pid": os.getpid()}), flush=True)
-line = sys.stdin.readline()
-sys.exit(int(line) if line.strip() else 0)
+url, token = os.environ["AWS_CONTAINER_CREDENTIALS_FULL_URI"], os.environ["AWS_CONTAINER_AUTHORIZATION_TOKEN"]
+print(json.dumps({"url": url, "token": token, "pid": os.getpid()}), flush=True)
+for line in sys.stdin:
+    if line.strip() == "fetch":
+        import http.client
+        connection = http.client.HTTPConnection(url.split("/")[2], timeout=3)
+        try:
+            connection.request("GET", "/" + url.split("/", 3)[3], headers={"Authorization": token})
+            answer = connection.getresponse()
+            print(json.dumps({"status": answer.status, "body": answer.read().decode()}), flush=True)
+        except OSError as error:
+            print(json.dumps({"error": type(error).__name__}), flush=True)
+        finally:
+            connection.close()
+    elif line.strip() == "sdk":
+        from botocore.credentials import ContainerProvider
+        from botocore.utils import ContainerMetadataFetcher
+        ContainerMetadataFetcher.RETRY_ATTEMPTS = 1
+        try:
+            creds = ContainerProvider().load()
+            print(json.dumps({"access_key": creds.access_key if creds else None}), flush=True)
+        except Exception as error:
+            print(json.dumps({"error": type(error).__name__, "message": str(error)}), flush=True)
+    else:
+        sys.exit(int(line) if line.strip() else 0)
+sys.exit(0)
 """
 
 
@@ -73,9 +105,10 @@ def read_line(stream, timeout=30):
 class LiveExec:
     """``imsa exec PROFILE -- python -c WAIT`` running in its own session (no terminal), with its endpoint and token."""
 
-    def __init__(self, profile="b", env=None):
+    def __init__(self, profile="b", env=None, verbose=False):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "imsa", "exec", profile, "--", sys.executable, "-c", WAIT],
+            [sys.executable, "-m", "imsa", *(["--verbose"] if verbose else []), "exec", profile, "--", sys.executable,
+             "-c", WAIT],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=env or child_env(), start_new_session=True,
         )
@@ -95,6 +128,12 @@ class LiveExec:
         if token is not None:
             headers["Authorization"] = token
         return http(self.host, self.port, "GET", path or self.path, headers, **kwargs)
+
+    def child(self, request):
+        """Ask the child to "fetch" or "sdk" (see WAIT); its answer."""
+        self.process.stdin.write(request + "\n")
+        self.process.stdin.flush()
+        return read_line(self.process.stdout)
 
     def finish(self, code=0, timeout=30):
         """Let the child exit with *code*; returns imsa exec's exit status."""
@@ -116,6 +155,15 @@ def live_exec(active_service):
     running = LiveExec()
     yield running
     running.stop()
+
+
+def refused(host, port):
+    """True when nothing listens on host:port any more."""
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def wait_for(predicate, timeout=10.0, step=0.05):
@@ -237,7 +285,7 @@ def test_foreign_hosts_browsers_and_other_methods_are_refused(live_exec):
     assert live_exec.get(token)[0] == 200
 
 
-# --- the binding's lifetime ---
+# --- the endpoint's lifetime: the command's ---
 
 
 def test_the_binding_ends_when_the_child_exits_and_its_status_is_imsas(live_exec, active_service):
@@ -245,20 +293,149 @@ def test_the_binding_ends_when_the_child_exits_and_its_status_is_imsas(live_exec
     assert [(b["profile"], b["pid"]) for b in bindings] == [("b", live_exec.process.pid)]
     assert "token" not in json.dumps(bindings)
     shown = run_imsa("status").stdout
-    assert f"exec:       {live_exec.url} (1 running: b)" in shown and live_exec.token not in shown
+    assert "exec:       1 running: b" in shown and live_exec.token not in shown
     assert live_exec.get(live_exec.token)[0] == 200
     assert live_exec.finish(3) == 3
-    assert live_exec.get(live_exec.token)[0] == 401
+    # The port closed with the command: the endpoint, the token and the binding are gone together.
+    assert refused(live_exec.host, live_exec.port)
     assert active_service.client.status()["bindings"] == []
     time.sleep(0.2)
     assert live_exec.token not in active_service.log()
 
 
-def test_a_sigkilled_imsa_exec_leaves_no_usable_token(live_exec, active_service):
+def squat(port):
+    """As another uid, try to bind 127.0.0.1:*port* (plain, SO_REUSEADDR, SO_REUSEPORT) and 0.0.0.0:*port*;
+    the errno name of each attempt, or "bound"."""
+    script = (
+        "import errno, json, socket, sys\n"
+        "port, results = int(sys.argv[1]), {}\n"
+        "for name, host, option in (('plain', '127.0.0.1', None), ('reuseaddr', '127.0.0.1', socket.SO_REUSEADDR),\n"
+        "                           ('reuseport', '127.0.0.1', socket.SO_REUSEPORT),\n"
+        "                           ('any', '0.0.0.0', socket.SO_REUSEADDR)):\n"
+        "    sock = socket.socket()\n"
+        "    try:\n"
+        "        if option: sock.setsockopt(socket.SOL_SOCKET, option, 1)\n"
+        "        sock.bind((host, port)); sock.listen(); results[name] = 'bound'\n"
+        "    except OSError as error:\n"
+        "        results[name] = errno.errorcode.get(error.errno, str(error.errno))\n"
+        "    finally:\n"
+        "        sock.close()\n"
+        "print(json.dumps(results))\n"
+    )
+    done = as_uid(OTHER_UID, [sys.executable, "-I", "-c", script, str(port)])
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def as_uid(uid, argv):
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
+                          capture_output=True, text=True, timeout=60, cwd="/", stdin=subprocess.DEVNULL)
+
+
+NOT_BINDABLE = {"plain": "EADDRINUSE", "reuseaddr": "EADDRINUSE", "reuseport": "EADDRINUSE", "any": "EADDRINUSE"}
+
+
+def listener_held_by(port, pid):
+    """True when process *pid* holds the socket listening on 127.0.0.1:*port* (/proc/net/tcp, /proc/PID/fd).
+
+    The squat attempts alone could pass for another reason: a connection the endpoint closed leaves its port in
+    TIME_WAIT for a minute, which blocks other binds too; a LISTEN socket in the command's hands is the rule itself.
+    """
+    local = f"{int.from_bytes(socket.inet_aton('127.0.0.1'), sys.byteorder):08X}:{port:04X}"
+    with open("/proc/net/tcp") as handle:
+        inodes = {fields[9] for fields in (line.split() for line in list(handle)[1:])
+                  if fields[1] == local and fields[3] == "0A"}
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return any(f"socket:[{inode}]" in held for inode in inodes)
+
+
+def stop_the_service(service):
+    done = run_imsa("stop")
+    assert done.returncode == 0, done.stderr
+    service.process.wait(timeout=30)
+
+
+@needs_root
+def test_regression_after_imsa_stop_another_user_could_take_the_commands_endpoint(active_service):
+    # The endpoint was the service's: after `imsa stop` (or a restart on another port) its port was free, another
+    # user bound it, and a command still running took that user's credentials and sent it its token. Now the port
+    # is the command's own: it stays bound as long as the command lives, and answers 503 with no service.
+    running = LiveExec()
+    try:
+        assert running.child("fetch")["status"] == 200
+        assert listener_held_by(running.port, running.child_pid)
+        stop_the_service(active_service)
+        assert listener_held_by(running.port, running.child_pid)
+        assert squat(running.port) == NOT_BINDABLE
+        answer = running.child("fetch")
+        assert answer["status"] == 503, answer
+        body = json.loads(answer["body"])
+        assert body["Code"] == "CredentialsUnavailable" and "imsa start" in body["Message"]
+        assert "AccessKeyId" not in answer["body"]
+        sdk = running.child("sdk")
+        assert sdk.get("access_key") is None and "503" in sdk["message"], sdk
+        assert running.finish(0) == 0
+    finally:
+        running.stop()
+
+
+@needs_root
+def test_regression_a_sigkilled_imsa_exec_leaves_its_port_to_no_one(active_service):
+    running = LiveExec()
+    try:
+        assert running.child("fetch")["status"] == 200
+        running.process.kill()  # no finally, no revoke: the command lives on, with its URL and token
+        running.process.wait(timeout=10)
+        assert listener_held_by(running.port, running.child_pid)
+        assert squat(running.port) == NOT_BINDABLE
+        # Nobody answers on the port any more; above all, nothing hands out credentials there.
+        assert running.child("fetch") == {"error": "TimeoutError"}
+        assert wait_for(lambda: active_service.client.status()["bindings"] == [])  # the service saw it go
+        stop_the_service(active_service)
+        assert listener_held_by(running.port, running.child_pid)  # the service's end changes nothing
+        assert squat(running.port) == NOT_BINDABLE
+        assert running.child("fetch") == {"error": "TimeoutError"}
+        assert running.child("sdk").get("access_key") is None
+    finally:
+        running.stop()
+
+
+@needs_root
+def test_regression_another_users_process_with_the_token_is_refused(live_exec):
+    # The endpoint checked only the token; any local user that learnt it (from a log, a core dump, a shared
+    # terminal) read the command's credentials. Now the peer must also be this user's process, as for IMDS.
+    with open(f"/proc/{live_exec.child_pid}/environ", "rb") as handle:
+        environ = dict(item.split(b"=", 1) for item in handle.read().split(b"\0") if b"=" in item)
+    token = environ[b"AWS_CONTAINER_AUTHORIZATION_TOKEN"].decode()
+    assert token == live_exec.token
+    script = (
+        "import http.client, json, sys\n"
+        "host, port, token = sys.argv[1], int(sys.argv[2]), sys.argv[3]\n"
+        "connection = http.client.HTTPConnection(host, port, timeout=10)\n"
+        "connection.request('GET', '/credentials', headers={'Authorization': token})\n"
+        "answer = connection.getresponse()\n"
+        "print(json.dumps([answer.status, answer.read().decode()]))\n"
+    )
+    done = as_uid(OTHER_UID, [sys.executable, "-I", "-c", script, live_exec.host, str(live_exec.port), token])
+    assert done.returncode == 0, done.stderr
+    status, body = json.loads(done.stdout)
+    assert status == 403 and f"another user's process (uid {OTHER_UID})" in body, (status, body)
+    assert "AccessKeyId" not in body and "SecretAccessKey" not in body
+    assert live_exec.get(token)[0] == 200  # the same request from the command's user
+    assert live_exec.finish(0) == 0
+
+
+def test_a_sigkilled_imsa_exec_hands_out_nothing_and_its_binding_is_reaped(live_exec, active_service):
     assert live_exec.get(live_exec.token)[0] == 200
     live_exec.process.kill()  # no finally, no revoke: the service must notice the owner is gone
     live_exec.process.wait(timeout=10)
-    assert live_exec.get(live_exec.token)[0] == 401  # checked on use
+    with pytest.raises(socket.timeout):  # the command keeps the port; nobody answers on it
+        live_exec.get(live_exec.token, timeout=2)
     assert wait_for(lambda: active_service.client.status()["bindings"] == [])
 
 
@@ -274,7 +451,7 @@ def test_sigterm_and_sigint_are_forwarded_to_the_child(live_exec, active_service
     live_exec.process.send_signal(signum)
     assert read_line(live_exec.process.stdout) == {"signal": signum}
     assert live_exec.process.wait(timeout=30) == 40 + signum
-    assert live_exec.get(live_exec.token)[0] == 401
+    assert refused(live_exec.host, live_exec.port)
     assert active_service.client.status()["bindings"] == []
 
 
@@ -355,6 +532,36 @@ def test_shadowing_variables_are_removed_and_the_profile_is_named(active_service
     assert got["arn"].endswith(":assumed-role/role-d/tester-r")
 
 
+# Every variable imsa exec takes out of the command's environment (or replaces): each would make an SDK use other
+# credentials than imsa's. Written out here, not imported, so that dropping one from the code fails this test.
+REMOVED = {
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CREDENTIAL_EXPIRATION",
+    "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN", "AWS_ROLE_SESSION_NAME", "IMSA_PROFILE_EXPIRATION",
+}
+# Look-alikes that must pass through untouched.
+KEPT = {"AWS_DEFAULT_OUTPUT", "AWS_PAGER", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_SDK_LOAD_CONFIG", "IMSA_NOTE"}
+
+ENV_DUMP = "import json, os; print(json.dumps(dict(os.environ)))"
+
+
+@pytest.mark.parametrize("mode", ["ecs", "static"])
+def test_exactly_the_shadowing_variables_are_removed_or_replaced(active_service, mode):
+    env = child_env(**{name: f"outer-{name.lower()}" for name in REMOVED | KEPT})
+    done = run_imsa("exec", "b", "--mode", mode, "--", sys.executable, "-c", ENV_DUMP, env=env)
+    assert done.returncode == 0, done.stderr
+    inner = json.loads(done.stdout)
+    ours = {name for name in env if name.startswith(("AWS_", "IMSA_"))}
+    assert {name for name in ours if inner.get(name) != env[name]} == REMOVED
+    assert {name for name in inner if name.startswith(("AWS_", "IMSA_"))} - ours == {"IMSA_PROFILE"}
+    if mode == "ecs":
+        assert set(inner) & REMOVED == {"AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN"}
+    else:
+        assert set(inner) & REMOVED == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                                        "AWS_CREDENTIAL_EXPIRATION", "IMSA_PROFILE_EXPIRATION"}
+
+
 def test_a_nested_exec_says_the_inner_profile_wins(active_service, sts_env):
     before = sts_env.mark()
     done = run_imsa("exec", "b", "--", sys.executable, "-m", "imsa", "exec", "c", "--", sys.executable, "-c", DUMP,
@@ -416,14 +623,14 @@ def test_binding_routes_validate_and_tie_the_binding_to_the_callers_pid(active_s
     assert control_post(active_service, "/bindings/revoke", {"id": "nope"})[0] == 404
     assert control_post(active_service, "/bindings/revoke", {})[0] == 400
     status = active_service.client.status()
-    assert status["exec_endpoint"].startswith("http://127.0.0.1:") and status["bindings"] == []
+    assert "exec_endpoint" not in status and status["bindings"] == []
 
     # A binding made by this (short-lived) connection's process: ours, the test process, so it stays.
     from imsa import config
 
     good = config.load().get("b").role_spec()
     status, body = control_post(active_service, "/bindings", good)
-    assert status == 200 and set(body) >= {"id", "token", "url", "expiration"}
+    assert status == 200 and set(body) == {"id", "profile", "role_arn", "expiration"}  # no token, no URL
     assert [b["pid"] for b in active_service.client.status()["bindings"]] == [os.getpid()]
     assert control_post(active_service, "/bindings/revoke", {"id": body["id"]}) == (200, {"revoked": body["id"]})
     assert active_service.client.status()["bindings"] == []
@@ -458,35 +665,31 @@ def sleeper():
 @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "kill0"])
 def test_a_binding_lives_as_long_as_its_owner_and_pins_meanwhile(sleeper, monkeypatch, pidfd):
     if not pidfd:
-        monkeypatch.setattr("imsa.container._open_pidfd", lambda pid: None)
+        monkeypatch.setattr("imsa.execs._open_pidfd", lambda pid: None)
     store = FakeStore()
     table = BindingTable(store)
-    binding_id, token = table.create(SPEC, sleeper.pid)
+    binding_id = table.create(SPEC, sleeper.pid)
     assert store.pins == {SPEC: 1}
-    assert table.lookup(token).id == binding_id
-    assert table.lookup(token + "x") is None and table.lookup("") is None and table.lookup(None) is None
+    assert [(b["id"], b["pid"]) for b in table.status()] == [(binding_id, sleeper.pid)]
     assert table.reap() == 0
     sleeper.kill()
     sleeper.wait()
-    assert table.lookup(token) is None
+    assert table.reap() == 1
     assert len(table) == 0 and store.pins == {}
     assert table.revoke(binding_id) is False
 
 
-def test_the_table_is_bounded_and_only_the_digest_is_kept(sleeper):
+def test_the_table_is_bounded_and_needs_a_real_pid(sleeper):
     store = FakeStore()
     table = BindingTable(store, limit=2)
-    tokens = [table.create(SPEC, sleeper.pid)[1] for _ in range(2)]
+    ids = [table.create(SPEC, sleeper.pid) for _ in range(2)]
     with pytest.raises(BindingError, match="too many"):
         table.create(SPEC, sleeper.pid)
-    assert store.pins == {SPEC: 2}
-    assert len(set(tokens)) == 2
-    for binding in table._bindings.values():
-        kept = [getattr(binding, name) for name in binding.__slots__]
-        assert not any(token in kept or token.encode() in kept for token in tokens)
-        assert len(binding.digest) == 32
-    with pytest.raises(BindingError):
-        table.create(SPEC, 0)
+    assert store.pins == {SPEC: 2} and len(set(ids)) == 2
+    assert table.revoke(ids[0]) is True and store.pins == {SPEC: 1}
+    for pid in (0, -1, None):
+        with pytest.raises(BindingError):
+            table.create(SPEC, pid)
 
 
 def test_the_reaper_thread_ends_bindings_of_dead_owners(sleeper):
@@ -503,6 +706,179 @@ def test_the_reaper_thread_ends_bindings_of_dead_owners(sleeper):
         table.stop()
 
 
+# --- the endpoint on its own, in this process (real sockets, a stand-in for the service) ---
+
+
+ROLE_ARN = "arn:aws:iam::123456789012:role/role-b"
+
+
+def creds_until(expiration):
+    return Credentials("ASIAENDPOINTTEST0001", "endpoint-secret", "endpoint-token", expiration)
+
+
+class FakeClient:
+    """The control-socket client as ServiceCredentials uses it, answering what the test sets."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.bindings = []
+
+    def create_binding(self, spec):
+        self.bindings.append(spec["profile"])
+        return {"id": f"binding-{len(self.bindings)}"}
+
+    def revoke_binding(self, binding_id):
+        return {"revoked": binding_id}
+
+    def credentials(self, spec):
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer.to_json()
+
+
+@pytest.fixture
+def endpoint_of():
+    """endpoint_of(client): a serving container.Endpoint whose credentials come from *client* (ServiceCredentials)."""
+    from imsa.commands_exec import ServiceCredentials
+
+    started = []
+
+    def make(client):
+        endpoint = container.Endpoint(ServiceCredentials(client, {"profile": "b", "role_arn": ROLE_ARN}), "b",
+                                      role_arn=ROLE_ARN)
+        endpoint.start()
+        started.append(endpoint)
+        return endpoint
+
+    yield make
+    for endpoint in started:
+        endpoint.close()
+
+
+def get(endpoint, token=None, **kwargs):
+    headers = {"Authorization": endpoint.token if token is None else token}
+    return http(container.EXEC_HOST, endpoint.port, "GET", "/credentials", headers, **kwargs)
+
+
+def test_the_endpoint_never_serves_expired_credentials(endpoint_of):
+    # The service answers with credentials that have expired (a clock or a bug on its side): 503, never the keys.
+    client = FakeClient(creds_until(utcnow() - datetime.timedelta(seconds=1)))
+    endpoint = endpoint_of(client)
+    status, headers, body = get(endpoint)
+    assert status == 503 and headers["Content-Type"] == "application/json"
+    answer = json.loads(body)
+    assert answer["Code"] == "CredentialsUnavailable" and "imsa assume b" in answer["Message"]
+    assert b"endpoint-secret" not in body and b"ASIAENDPOINTTEST0001" not in body
+    with pytest.raises(MetadataRetrievalError):
+        ContainerMetadataFetcher(sleep=lambda _seconds: None).retrieve_full_uri(
+            endpoint.url, headers={"Authorization": endpoint.token})
+    # The same endpoint serves credentials that are valid.
+    client.answer = creds_until(utcnow() + datetime.timedelta(hours=1))
+    fetched = ContainerMetadataFetcher().retrieve_full_uri(endpoint.url, headers={"Authorization": endpoint.token})
+    assert fetched["AccessKeyId"] == "ASIAENDPOINTTEST0001" and fetched["RoleArn"] == ROLE_ARN
+
+
+def test_no_service_or_no_session_is_a_503_naming_the_command_to_run(endpoint_of):
+    from imsa.errors import ServiceNotRunning, StsError
+
+    client = FakeClient(ServiceNotRunning("the imsa service is not running"))
+    endpoint = endpoint_of(client)
+    status, _, body = get(endpoint)
+    assert status == 503 and "run: imsa start, then imsa assume b" in json.loads(body)["Message"]
+    # A service that answers again (here: without a session) gets a new binding, so that it keeps the role rotated
+    # and shows the exec again: the one before it stopped knew of the exec, a new one does not.
+    client.answer = StsError("no valid MFA session for profile 'b'; run: imsa assume b")
+    status, _, body = get(endpoint)
+    assert status == 503 and json.loads(body)["Message"] == "no valid MFA session for profile 'b'; run: imsa assume b"
+    assert client.bindings == ["b", "b"]
+    client.answer = creds_until(utcnow() + datetime.timedelta(hours=1))
+    assert get(endpoint)[0] == 200
+    assert client.bindings == ["b", "b"]
+
+
+@pytest.mark.parametrize("lookup", ["unknown", "crash", "stranger"])
+def test_a_peer_whose_user_is_unknown_or_not_ours_is_refused(endpoint_of, monkeypatch, lookup):
+    endpoint = endpoint_of(FakeClient(creds_until(utcnow() + datetime.timedelta(hours=1))))
+    assert get(endpoint)[0] == 200
+
+    def tcp_peer_uid(_sock):
+        if lookup == "crash":
+            raise RuntimeError("netlink answered nonsense")
+        return None if lookup == "unknown" else os.geteuid() + 1
+
+    monkeypatch.setattr(container, "tcp_peer_uid", tcp_peer_uid)
+    status, _, body = get(endpoint)
+    assert status == 403 and b"SecretAccessKey" not in body
+    assert get(endpoint)[0] == 403  # and the endpoint still serves (refuses) after a failed lookup
+
+
+def test_malformed_requests_are_refused_in_json(endpoint_of):
+    endpoint = endpoint_of(FakeClient(creds_until(utcnow() + datetime.timedelta(hours=1))))
+    host = f"127.0.0.1:{endpoint.port}"
+
+    def raw(data, timeout=10):
+        with socket.create_connection((container.EXEC_HOST, endpoint.port), timeout=timeout) as sock:
+            sock.sendall(data)
+            answer = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return answer
+                answer += chunk
+
+    auth = f"Authorization: {endpoint.token}\r\n".encode()
+    good = b"GET /credentials HTTP/1.1\r\nHost: " + host.encode() + b"\r\n" + auth + b"\r\n"
+    assert raw(good).startswith(b"HTTP/1.1 200 ")
+    for bad, status in (
+        (b"GET /credentials\r\n\r\n", 400),  # HTTP/0.9
+        (b"GET /credentials HTTP/2.0\r\nHost: " + host.encode() + b"\r\n" + auth + b"\r\n", 400),
+        (good.replace(b"Host:", b"Host :"), 400),
+        (good.replace(b"\r\nHost:", b"\r\n Host:"), 400),
+        (good.replace(auth, auth + b"Host: " + host.encode() + b"\r\n"), 403),  # two Host headers
+        (good.replace(auth, auth + auth), 401),  # two tokens
+        (b"GET /credentials HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 20000 + b"\r\n\r\n", 431),
+        (good.replace(b"\r\n\r\n", b"\r\n" + b"X: y\r\n" * 101 + b"\r\n"), 431),
+    ):
+        answer = raw(bad)
+        assert answer.startswith(f"HTTP/1.1 {status} ".encode()), (bad[:80], answer[:80])
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b"Content-Type: application/json" in head and set(json.loads(body)) == {"Code", "Message"}
+        assert b"endpoint-secret" not in body
+
+
+def test_a_silent_client_is_cut_at_the_deadline_and_does_not_block_others(endpoint_of, monkeypatch):
+    monkeypatch.setattr(container, "REQUEST_DEADLINE", 1)
+    endpoint = endpoint_of(FakeClient(creds_until(utcnow() + datetime.timedelta(hours=1))))
+    silent = socket.create_connection((container.EXEC_HOST, endpoint.port), timeout=30)
+    try:
+        assert get(endpoint)[0] == 200  # answered while the silent one waits
+        silent.sendall(b"GET /credentials HTTP/1.1\r\n")  # never finished
+        answer = silent.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408 ")
+    finally:
+        silent.close()
+
+
+def test_refusals_are_logged_escaped_and_cut_and_never_with_the_token(active_service):
+    running = LiveExec(verbose=True)
+    try:
+        token = running.token
+        assert running.get(token, path=f"/credentials?token={token}")[0] == 400
+        assert running.get(token, path="/a\rimsa:forged\x1b[31m")[0] == 404
+        assert running.get(token, path="/" + "a" * 5000)[0] == 404
+        assert running.get(token, path="/" + token)[0] == 404
+        assert running.get(token + "x")[0] == 401
+        assert running.finish(0) == 0
+        log = running.process.stderr.read()
+    finally:
+        running.stop()
+    refusals = [line for line in log.splitlines() if "exec endpoint refused" in line]
+    assert len(refusals) == 5, log
+    assert token not in log
+    assert "'/a\\rimsa:forged\\x1b[31m'" in log and "\x1b" not in log and "\r" not in log
+    assert all(len(line) < 400 for line in log.splitlines())
+
+
 # --- a peer outside loopback (needs a network namespace) ---
 
 
@@ -512,6 +888,6 @@ def test_peers_outside_loopback_are_refused_by_the_exec_endpoint(isolated_env):
     if not _can_unshare():
         pytest.skip("needs root, unshare(1) and ip(8) to make a network namespace")
     results = run_scenario("exec_peer_filter")
-    status, body = results["outsider"]
-    assert status == 403 and "peer" in body
-    assert results["loopback"][0] == 401  # past the peer filter: only the token is missing
+    status, body, has_secret = results["outsider"]
+    assert status == 403 and "peer" in body and not has_secret  # even with the command's token
+    assert results["loopback"][0] == 200 and results["loopback"][2]  # the same request from 127.0.0.1
