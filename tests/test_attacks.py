@@ -508,3 +508,45 @@ def test_regression_another_user_got_tokens_by_closing_before_the_service_accept
     assert pending_connections(svc.port) == 0, "the service answered every connection"
     assert svc.client.status()["imds_tokens"] == before, "no token was issued to the closed connections"
     assert service_credentials(svc)[0] == "role-a"
+
+
+def test_a_crash_while_looking_up_the_clients_uid_is_refused_not_taken_for_root(monkeypatch):
+    # The IMDS channel looks the client's uid up as it accepts a connection; an exception there must leave the uid
+    # unknown (refused, like another user's process), never 0: root is served, so that would serve anyone who can
+    # make the lookup fail. The real channel class in waitress, over a real socket; only the lookup is replaced.
+    from waitress import wasyncore
+    from waitress.server import create_server
+
+    looked_up = []
+
+    def crashing_lookup(sock):
+        looked_up.append(sock.getpeername())
+        raise RuntimeError("the lookup failed")
+
+    listener = imsa_service.bind_tcp("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    app = imds.create_app(lambda: None, "127.0.0.1", port, peer_uids={0, os.geteuid()})
+    event_map = {}
+    server = create_server(app, sockets=[listener], map=event_map, **imsa_service.IMDS_SERVER_OPTIONS)
+    server.channel_class = imsa_service._imds_channel()
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            wasyncore.loop(timeout=0.05, map=event_map, use_poll=True, count=1)
+
+    loop = threading.Thread(target=serve, daemon=True)
+    loop.start()
+    try:
+        monkeypatch.setattr(imsa_service, "tcp_peer_uid", crashing_lookup)
+        status, _, body = http("127.0.0.1", port, "PUT", TOKEN_PATH, {TTL: "60"})
+        assert len(looked_up) == 1, "the lookup ran, and crashed"
+        assert status == 403 and b"another user" in body, (status, body)
+        # The same client, the lookup working again: served (so the refusal above came from the crash alone).
+        monkeypatch.setattr(imsa_service, "tcp_peer_uid", lambda sock: os.geteuid())
+        assert http("127.0.0.1", port, "PUT", TOKEN_PATH, {TTL: "60"})[0] == 200
+    finally:
+        stop.set()
+        loop.join(10)
+        server.task_dispatcher.shutdown()
+        wasyncore.close_all(event_map)
