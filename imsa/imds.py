@@ -38,6 +38,10 @@ _TTL_VALUE = re.compile(r"^[0-9]{1,5}$")
 
 CREDENTIALS_PATH = "/latest/meta-data/iam/security-credentials"
 _TOKEN_ENVIRON = "HTTP_" + TOKEN_HEADER.upper().replace("-", "_")
+# Real IMDS refuses token requests that went through a proxy or forwarder (SSRF through a local proxy). Proxies
+# mark what they forward with one of these, and many common local ones with Via alone.
+PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "Via", "X-Real-IP", "X-Forwarded-Host")
+_PROXY_ENVIRON = tuple(("HTTP_" + name.upper().replace("-", "_"), name) for name in PROXY_HEADERS)
 
 
 class TokenTable:
@@ -171,9 +175,10 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
 
     @app.route("/latest/api/token", methods=["PUT"])
     def token():
-        # Real IMDS refuses token requests that went through a proxy or forwarder (SSRF through a local proxy).
-        if "X-Forwarded-For" in request.headers:
-            return refuse(403, "X-Forwarded-For not allowed on token requests")
+        environ = request.environ
+        for key, name in _PROXY_ENVIRON:
+            if key in environ:
+                return refuse(403, f"{name} not allowed on token requests")
         ttl = request.headers.get(TTL_HEADER, "")
         if not _TTL_VALUE.match(ttl) or not 1 <= int(ttl) <= MAX_TTL:
             return refuse(400, f"{TTL_HEADER} must be a whole number from 1 to {MAX_TTL}")
