@@ -20,6 +20,7 @@ import time
 from flask import Flask, Response, request
 
 from imsa.credentials import format_time, utcnow
+from imsa.logs import RefusalLimiter, shown
 from imsa.peers import is_local_peer
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,15 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
     instance_id = instance_id or "i-" + secrets.token_hex(8)[:17]
     app.config["imsa.tokens"] = tokens
 
+    # A client refused thousands of times a second gets one line per interval and a count (imsa.logs).
+    refusals = RefusalLimiter(log)
+
     def refuse(status, rule):
-        log.info("refused %s %s from %s: %s", request.method, request.path, request.remote_addr, rule)
+        environ = request.environ
+        address, uid = environ.get("REMOTE_ADDR", ""), environ.get("imsa.peer_uid")
+        if refusals.allow(address if uid is None else f"{address} (uid {uid})"):
+            # The method and path are the client's own bytes: escaped and cut, so that a %0a cannot forge a line.
+            log.info("refused %s %s from %s: %s", shown(request.method), shown(request.path), address, rule)
         return _text(f"{status} - {rule}\n", status)
 
     @app.before_request
@@ -156,7 +164,8 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
             return refuse(403, "peer address not allowed")
         # Other local users are peers on loopback too: the owner's credentials are for the owner's processes.
         if peer_uids is not None and environ.get("imsa.peer_uid") not in peer_uids:
-            return refuse(403, f"another user's process (uid {environ.get('imsa.peer_uid')})")
+            uid = environ.get("imsa.peer_uid")
+            return refuse(403, f"another user's process (uid {'unknown' if uid is None else uid})")
         # Host pin: DNS rebinding makes a browser send a page's own name (or another address) as Host.
         if environ.get("HTTP_HOST", "").lower() not in hosts:
             return refuse(403, "Host header not allowed")

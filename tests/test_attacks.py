@@ -380,8 +380,7 @@ def test_regression_another_local_users_process_read_the_owners_credentials(acti
     answers = json.loads(owner.stdout)
     assert [status for status, _ in answers] == [200, 200, 200]
     assert json.loads(answers[2][1])["AccessKeyId"] == creds["AccessKeyId"]
-    time.sleep(0.2)
-    assert f"another user's process (uid {OTHER_UID})" in svc.log()
+    svc.wait_for_log(f"another user's process (uid {OTHER_UID})")
 
 
 @pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"),
