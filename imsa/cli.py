@@ -11,6 +11,7 @@ import sys
 
 from imsa import __version__
 from imsa.errors import EXIT_ERROR, EXIT_INTERRUPTED, ImsaError
+from imsa.logs import mute_wire_loggers
 
 
 MFA_HELP = "the 6-digit MFA code, or - to read it from stdin (else mfa_process or a prompt)"
@@ -146,8 +147,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="imsa: %(message)s", stream=sys.stderr)
-    if not args.debug:
-        logging.getLogger("botocore").setLevel(logging.WARNING)
+    # Even with --debug: botocore's DEBUG lines print STS's raw answers, i.e. the MFA session's secret and token.
+    mute_wire_loggers()
     try:
         return run(args)
     except ImsaError as error:

@@ -11,6 +11,7 @@ from flask import Flask, jsonify, request
 
 from imsa.credentials import Credentials, format_time
 from imsa.errors import StsError
+from imsa.logs import RefusalLimiter, shown
 from imsa.store import RoleSpec, SpecError
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,16 @@ def create_app(store, owner_uid, info, on_stop, bindings=None):
     ends the service; *bindings* (an execs.BindingTable) adds the routes of ``imsa exec``: POST /bindings and
     POST /bindings/revoke."""
     app = Flask("imsa.control")
+    refusals = RefusalLimiter(log, logging.WARNING)
 
     @app.before_request
     def owner_only():
         uid = request.environ.get(PEER_UID)
         if uid is None or uid not in (owner_uid, 0):
-            log.warning("control socket: refused uid %s (pid %s)", uid, request.environ.get("imsa.peer_pid"))
+            # One line per uid per interval, the path escaped and cut: a stranger can neither flood nor forge lines.
+            if refusals.allow(f"uid {uid}"):
+                log.warning("control socket: refused uid %s (pid %s): %s %s", uid, request.environ.get("imsa.peer_pid"),
+                            shown(request.method), shown(request.path))
             return jsonify(error="only the service's owner may use the control socket"), 403
         return None
 

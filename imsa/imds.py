@@ -20,6 +20,7 @@ import time
 from flask import Flask, Response, request
 
 from imsa.credentials import format_time, utcnow
+from imsa.logs import RefusalLimiter, shown
 from imsa.peers import is_local_peer
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ _TTL_VALUE = re.compile(r"^[0-9]{1,5}$")
 
 CREDENTIALS_PATH = "/latest/meta-data/iam/security-credentials"
 _TOKEN_ENVIRON = "HTTP_" + TOKEN_HEADER.upper().replace("-", "_")
+# Real IMDS refuses token requests that went through a proxy or forwarder (SSRF through a local proxy). Proxies
+# mark what they forward with one of these, and many common local ones with Via alone.
+PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "Via", "X-Real-IP", "X-Forwarded-Host")
+_PROXY_ENVIRON = tuple(("HTTP_" + name.upper().replace("-", "_"), name) for name in PROXY_HEADERS)
 
 
 class TokenTable:
@@ -138,8 +143,15 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
     instance_id = instance_id or "i-" + secrets.token_hex(8)[:17]
     app.config["imsa.tokens"] = tokens
 
+    # A client refused thousands of times a second gets one line per interval and a count (imsa.logs).
+    refusals = RefusalLimiter(log)
+
     def refuse(status, rule):
-        log.info("refused %s %s from %s: %s", request.method, request.path, request.remote_addr, rule)
+        environ = request.environ
+        address, uid = environ.get("REMOTE_ADDR", ""), environ.get("imsa.peer_uid")
+        if refusals.allow(address if uid is None else f"{address} (uid {uid})"):
+            # The method and path are the client's own bytes: escaped and cut, so that a %0a cannot forge a line.
+            log.info("refused %s %s from %s: %s", shown(request.method), shown(request.path), address, rule)
         return _text(f"{status} - {rule}\n", status)
 
     @app.before_request
@@ -152,7 +164,8 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
             return refuse(403, "peer address not allowed")
         # Other local users are peers on loopback too: the owner's credentials are for the owner's processes.
         if peer_uids is not None and environ.get("imsa.peer_uid") not in peer_uids:
-            return refuse(403, f"another user's process (uid {environ.get('imsa.peer_uid')})")
+            uid = environ.get("imsa.peer_uid")
+            return refuse(403, f"another user's process (uid {'unknown' if uid is None else uid})")
         # Host pin: DNS rebinding makes a browser send a page's own name (or another address) as Host.
         if environ.get("HTTP_HOST", "").lower() not in hosts:
             return refuse(403, "Host header not allowed")
@@ -171,9 +184,10 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
 
     @app.route("/latest/api/token", methods=["PUT"])
     def token():
-        # Real IMDS refuses token requests that went through a proxy or forwarder (SSRF through a local proxy).
-        if "X-Forwarded-For" in request.headers:
-            return refuse(403, "X-Forwarded-For not allowed on token requests")
+        environ = request.environ
+        for key, name in _PROXY_ENVIRON:
+            if key in environ:
+                return refuse(403, f"{name} not allowed on token requests")
         ttl = request.headers.get(TTL_HEADER, "")
         if not _TTL_VALUE.match(ttl) or not 1 <= int(ttl) <= MAX_TTL:
             return refuse(400, f"{TTL_HEADER} must be a whole number from 1 to {MAX_TTL}")

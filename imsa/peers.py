@@ -25,6 +25,10 @@ NLMSG_ERROR = 2
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 # TCP states that no longer have an owner (uid 0 is shown for them): TIME_WAIT, CLOSE.
 _OWNERLESS = (6, 7)
+# A socket its process has closed (an orphan: FIN-WAIT-1/2, LAST-ACK, CLOSING) keeps its state but loses its file:
+# inode 0, and uid 0 is shown for it. A client that sends a request and closes before the service accepts the
+# connection looked like root's; no inode means no owner, so the uid is unknown (and the client refused).
+_NO_INODE = 0
 
 
 def is_local_peer(peer, listen_ip=None):
@@ -67,9 +71,11 @@ def _diag_uid(client_ip, client_port, server_ip, server_port):
         raise OSError(code, "sock_diag: " + os.strerror(code))  # e.g. inet_diag missing: fall back to /proc
     if kind != SOCK_DIAG_BY_FAMILY or len(answer) < 16 + 72:
         raise OSError(errno.EPROTO, "sock_diag: unexpected answer")
+    # struct inet_diag_msg: family, state, timer, retrans (1 byte each), the 48-byte sockid, expires, rqueue,
+    # wqueue, then uid at offset 64 and inode at 68.
     state = answer[16 + 1]
-    uid = struct.unpack_from("=I", answer, 16 + 64)[0]
-    return None if state in _OWNERLESS else uid
+    uid, inode = struct.unpack_from("=II", answer, 16 + 64)
+    return None if state in _OWNERLESS or inode == _NO_INODE else uid
 
 
 def _proc_net_address(ip, port, v6_table):
@@ -94,8 +100,11 @@ def _proc_uid(client_ip, client_port, server_ip, server_port):
                 next(handle, None)
                 for line in handle:
                     fields = line.split()
-                    if len(fields) > 7 and fields[1] == client and fields[2] == server:
-                        return None if int(fields[3], 16) in _OWNERLESS else int(fields[7])
+                    # sl, local, remote, st, tx:rx queues, tr:when, retransmits, uid, timeout, inode
+                    if len(fields) > 9 and fields[1] == client and fields[2] == server:
+                        if int(fields[3], 16) in _OWNERLESS or int(fields[9]) == _NO_INODE:
+                            return None
+                        return int(fields[7])
         except (OSError, ValueError):
             continue
     return None

@@ -213,6 +213,17 @@ class Service:
         with open(self.log_path, encoding="utf-8", errors="replace") as handle:
             return handle.read()
 
+    def wait_for_log(self, text, timeout=10):
+        """The log once it contains *text* (polled: refusals after the first from a peer are only counted, and
+        their count is written when the interval ends); fails after *timeout* seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log()
+            if text in log:
+                return log
+            assert time.monotonic() < deadline, f"{text!r} not in the service's log: {log[-3000:]}"
+            time.sleep(0.05)
+
 
 def service_user_args():
     """Tests may run as root; the service refuses root, so it serves 'nobody' then."""

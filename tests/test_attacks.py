@@ -383,8 +383,7 @@ def test_regression_another_local_users_process_read_the_owners_credentials(acti
     answers = json.loads(owner.stdout)
     assert [status for status, _ in answers] == [200, 200, 200]
     assert json.loads(answers[2][1])["AccessKeyId"] == creds["AccessKeyId"]
-    time.sleep(0.2)
-    assert f"another user's process (uid {OTHER_UID})" in svc.log()
+    svc.wait_for_log(f"another user's process (uid {OTHER_UID})")
 
 
 @pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"),
@@ -412,3 +411,144 @@ def test_the_uid_behind_a_local_tcp_connection_is_found(family, host):
         client.close()
         accepted.close()
         listener.close()
+
+
+# A client run as another uid: one connection that sends a request and only shuts down its sending side (still
+# open: it has an owner), and one that sends a request and closes (an orphan: no file, no owner); then it waits.
+SEND_THEN_CLOSE_CLIENT = (
+    "import socket, sys\n"
+    "address = (sys.argv[1], int(sys.argv[2]))\n"
+    "request = b'PUT /latest/api/token HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 0\\r\\n\\r\\n'\n"
+    "kept = socket.create_connection(address)\n"
+    "kept.sendall(request)\n"
+    "kept.shutdown(socket.SHUT_WR)\n"
+    "closed = socket.create_connection(address)\n"
+    "closed.sendall(request)\n"
+    "closed.close()\n"
+    "print('sent', flush=True)\n"
+    "sys.stdin.readline()\n"
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a client as another uid needs root")
+def test_regression_a_client_socket_closed_before_accept_looked_like_roots():
+    # A socket its process has closed (FIN-WAIT-2) has no file: sock_diag and /proc/net/tcp show inode 0 and uid 0.
+    # Another user's "PUT, then close" reached the service as root's and got a token. No inode: no known owner.
+    import subprocess
+    import sys
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    argv = ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups", sys.executable, "-c",
+            SEND_THEN_CLOSE_CLIENT, *map(str, listener.getsockname())]
+    client = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+    accepted = []
+    try:
+        assert client.stdout.readline() == "sent\n"  # both sent; the second socket closed before any accept
+        for _ in range(2):
+            accepted.append(listener.accept()[0])
+        kept, closed = accepted
+        assert peers.tcp_peer_uid(kept) == OTHER_UID, "the uid of a live client is found"
+        assert peers.tcp_peer_uid(closed) is None
+        server_ip, server_port = closed.getsockname()[:2]
+        client_ip, client_port = closed.getpeername()[:2]
+        ends = (peers._unmapped(client_ip), client_port, peers._unmapped(server_ip), server_port)
+        assert peers._diag_uid(*ends) is None, "sock_diag"
+        assert peers._proc_uid(*ends) is None, "/proc/net/tcp"
+    finally:
+        client.communicate("\n", timeout=30)
+        for sock in accepted:
+            sock.close()
+        listener.close()
+
+
+PUT_THEN_CLOSE_CLIENT = (
+    "import socket, sys\n"
+    "host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
+    "request = ('PUT /latest/api/token HTTP/1.1\\r\\nHost: %s:%d\\r\\nX-aws-ec2-metadata-token-ttl-seconds: 60\\r\\n'\n"
+    "           'Content-Length: 0\\r\\nConnection: close\\r\\n\\r\\n' % (host, port)).encode()\n"
+    "for _ in range(count):\n"
+    "    sock = socket.create_connection((host, port))\n"
+    "    sock.sendall(request)\n"
+    "    sock.close()\n"
+)
+# TCP states of a server-side connection still waiting for the service: ESTABLISHED, CLOSE_WAIT (/proc/net/tcp).
+_PENDING_STATES = ("01", "08")
+
+
+def pending_connections(port):
+    """How many connections accepted on *port* the server has not closed yet (both /proc/net/tcp tables)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                next(handle)
+                for line in handle:
+                    fields = line.split()
+                    if fields[1].endswith(f":{port:04X}") and fields[3] in _PENDING_STATES:
+                        count += 1
+        except OSError:
+            continue
+    return count
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a client as another uid needs root")
+def test_regression_another_user_got_tokens_by_closing_before_the_service_accepted(active_service):
+    # 433 of 500 "PUT, then close at once" from another user got a token: a client socket closed before the
+    # service looked it up has no owner (inode 0), and its uid showed as 0, root's. The service now refuses it.
+    import sys
+
+    svc = active_service
+    service_credentials(svc)
+    before = svc.client.status()["imds_tokens"]
+    stranger = as_uid(OTHER_UID, [sys.executable, "-c", PUT_THEN_CLOSE_CLIENT, svc.host, str(svc.port), "200"])
+    assert stranger.returncode == 0, stranger.stderr
+    deadline = time.monotonic() + 30
+    while pending_connections(svc.port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pending_connections(svc.port) == 0, "the service answered every connection"
+    assert svc.client.status()["imds_tokens"] == before, "no token was issued to the closed connections"
+    assert service_credentials(svc)[0] == "role-a"
+
+
+def test_a_crash_while_looking_up_the_clients_uid_is_refused_not_taken_for_root(monkeypatch):
+    # The IMDS channel looks the client's uid up as it accepts a connection; an exception there must leave the uid
+    # unknown (refused, like another user's process), never 0: root is served, so that would serve anyone who can
+    # make the lookup fail. The real channel class in waitress, over a real socket; only the lookup is replaced.
+    from waitress import wasyncore
+    from waitress.server import create_server
+
+    looked_up = []
+
+    def crashing_lookup(sock):
+        looked_up.append(sock.getpeername())
+        raise RuntimeError("the lookup failed")
+
+    listener = imsa_service.bind_tcp("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    app = imds.create_app(lambda: None, "127.0.0.1", port, peer_uids={0, os.geteuid()})
+    event_map = {}
+    server = create_server(app, sockets=[listener], map=event_map, **imsa_service.IMDS_SERVER_OPTIONS)
+    server.channel_class = imsa_service._imds_channel()
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            wasyncore.loop(timeout=0.05, map=event_map, use_poll=True, count=1)
+
+    loop = threading.Thread(target=serve, daemon=True)
+    loop.start()
+    try:
+        monkeypatch.setattr(imsa_service, "tcp_peer_uid", crashing_lookup)
+        status, _, body = http("127.0.0.1", port, "PUT", TOKEN_PATH, {TTL: "60"})
+        assert len(looked_up) == 1, "the lookup ran, and crashed"
+        assert status == 403 and b"another user" in body, (status, body)
+        # The same client, the lookup working again: served (so the refusal above came from the crash alone).
+        monkeypatch.setattr(imsa_service, "tcp_peer_uid", lambda sock: os.geteuid())
+        assert http("127.0.0.1", port, "PUT", TOKEN_PATH, {TTL: "60"})[0] == 200
+    finally:
+        stop.set()
+        loop.join(10)
+        server.task_dispatcher.shutdown()
+        wasyncore.close_all(event_map)

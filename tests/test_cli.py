@@ -107,6 +107,20 @@ def test_debug_shows_the_traceback_of_an_error(isolated_env):
     assert done.stderr.splitlines()[-1].startswith("imsa: error: ")
 
 
+@pytest.mark.parametrize("profile", ["base", "a"])
+def test_regression_debug_printed_the_sts_answers_with_the_session_secret_and_token(isolated_env, sts_env, profile):
+    # botocore's DEBUG lines include every raw response: `imsa --debug` printed GetSessionToken's answer, i.e. the
+    # MFA session's secret and token (valid for hours), and AssumeRole's. Its wire logs stay off even with --debug.
+    write_config(isolated_env, sts_env)
+    done = run_imsa("--debug", "export", profile, "--mfa-token", MFA_CODE)
+    assert done.returncode == 0, done.stderr
+    values, _ = parse_sh(done.stdout)  # base: the MFA session itself; a: role-a's credentials made from it
+    assert "imsa: the service is not running" in done.stderr  # the CLI called STS itself, in this process
+    for secret in (values["AWS_SECRET_ACCESS_KEY"], values["AWS_SESSION_TOKEN"],
+                   sts_env.users["alice"]["aws_secret_access_key"]):
+        assert secret not in done.stderr
+
+
 def test_without_debug_an_error_has_no_traceback(isolated_env):
     one_error_line(run_imsa("assume", "a"), EXIT_CONFIG)
     one_error_line(run_imsa("-v", "assume", "a"), EXIT_CONFIG)

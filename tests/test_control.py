@@ -6,7 +6,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -60,8 +59,39 @@ def test_another_uid_is_refused_by_peer_credentials_even_if_the_file_is_opened_u
     os.chmod(service.socket, 0o666)
     done = as_other_user(service.socket)
     assert "ERROR" in done.stdout and "only the service's owner" in done.stdout
-    time.sleep(0.2)
-    assert f"refused uid {OTHER_UID}" in service.log()
+    service.wait_for_log(f"refused uid {OTHER_UID}")
+
+
+STRANGER_REQUESTS = (
+    "import socket, sys\n"
+    "path, count = sys.argv[1], int(sys.argv[2])\n"
+    "request = b'GET /status%0a2024-01-01T00:00:00+0000%20imsa[1]%20INFO%20forged HTTP/1.1\\r\\nHost: localhost\\r\\n'\n"
+    "request += b'Connection: close\\r\\n\\r\\n'\n"
+    "for _ in range(count):\n"
+    "    sock = socket.socket(socket.AF_UNIX)\n"
+    "    sock.connect(path)\n"
+    "    sock.sendall(request)\n"
+    "    print(sock.recv(100).split()[1].decode())\n"
+    "    sock.close()\n"
+)
+
+
+@needs_root
+def test_a_stranger_on_an_opened_up_socket_gets_one_escaped_log_line(service):
+    # The refusal line shows the path escaped (a %0a cannot start a line of its own) and is written once per uid
+    # per interval, however many requests the stranger sends.
+    os.chmod(os.path.dirname(service.socket), 0o755)
+    os.chmod(service.socket, 0o666)
+    done = subprocess.run(
+        ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups", sys.executable, "-c",
+         STRANGER_REQUESTS, service.socket, "200"], capture_output=True, text=True, timeout=60, cwd="/",
+    )
+    assert done.stdout.split() == ["403"] * 200, done.stderr
+    log = service.wait_for_log(f"refused uid {OTHER_UID}")
+    lines = [line for line in log.splitlines() if f"uid {OTHER_UID}" in line]
+    assert len(lines) == 1, lines
+    assert "'/status\\n2024-01-01T00:00:00+0000 imsa[1] INFO forged'" in lines[0], lines
+    assert not [line for line in log.splitlines() if line.startswith("2024-01-01")]
 
 
 def test_root_or_the_owner_is_allowed(service):
