@@ -221,7 +221,9 @@ def _last_line(lines):
             return line[len("imsa: error: "):]
     for line in reversed(lines):
         if "error" in line.lower():
-            return line.split(": ", 2)[-1] if line.startswith("imsa[") else line
+            # A log line: "TIME imsa[PID] LEVEL LOGGER: message"; the message is what the person needs.
+            head, sep, message = line.partition(": ")
+            return message if sep and " imsa[" in f" {head}" else line
     return lines[-1] if lines else "no output"
 
 

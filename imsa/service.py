@@ -534,7 +534,14 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     log_path = None
     if report_ready:
         log_path = os.path.join(os.path.dirname(os.path.abspath(path)), rundir.LOG_NAME)
-        log_fd = rundir.open_log(os.path.dirname(log_path))
+        try:
+            log_fd = rundir.open_log(os.path.dirname(log_path))
+        except OSError as error:
+            tcp.close()
+            unix.close()
+            _unlink(path)
+            raise ServiceError(f"cannot open the log {log_path}: {error.strerror} (a symlink there is never "
+                               f"followed)") from None
         if waiter_channel is not None:  # the root waiter logs the alias' removal there too
             socket.send_fds(waiter_channel, [b"log"], [log_fd])
     if waiter_channel is not None:
@@ -562,6 +569,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     bindings.start()
     if report_ready:
         _report_ready(info, log_fd)
+        configure_logging(logging.getLogger().level, log_path)  # rotated, as the user: it is their directory
     log.info(
         "serving IMDS on %s:%d (tokens %s) for uid %d; control socket %s",
         host, port, "optional" if allow_imdsv1 else "required", uid, path,
@@ -588,7 +596,8 @@ READY_PREFIX = "imsa-ready "
 def _report_ready(info, log_fd):
     """Send stdout and stderr to the log for good, then tell the starting CLI (on the old stdout) that it answers.
 
-    The switch comes first so that nothing is written to the CLI's pipe once it may have gone away.
+    The switch comes first so that nothing is written to the CLI's pipe once it may have gone away. Log lines then
+    go through the rotating handler; stdout and stderr keep only what bypasses logging (a thread's traceback).
     """
     status = {key: value() if callable(value) else value for key, value in info.items() if key != "bindings"}
     sys.stdout.flush()

@@ -5,6 +5,7 @@ and real sockets; they need root to make those accounts, and skip with that reas
 """
 
 import os
+import re
 import shutil
 import socket
 import stat
@@ -215,8 +216,7 @@ def test_root_never_follows_a_log_symlink_in_the_run_directory(owner, dangling):
     os.chown(run_dir, user.uid, user.gid)
     try:
         done = _sudo_start(user, env)
-        assert done.returncode == 1, done.stderr
-        assert "imsa.log" in done.stderr
+        _one_error(done, 1, "cannot open the log", "imsa.log", "never followed")
         if dangling:
             assert not os.path.lexists(target)
         else:
@@ -255,7 +255,8 @@ def test_the_background_log_is_the_users_0600_file_with_what_the_service_said(ow
     deadline = time.monotonic() + 10
     while "serving IMDS" not in open(log).read() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert "serving IMDS" in open(log).read()
+    first = open(log).read().splitlines()[0]
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} imsa\[\d+\] INFO imsa.service: serving IMDS", first), first
     stopped = user.run([IMSA, "stop"], env)
     assert stopped.returncode == 0, stopped.stderr
 
