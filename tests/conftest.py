@@ -1,12 +1,17 @@
 """Shared fixtures: an isolated environment, moto's server as a strict STS, and a live imsa service.
 
 Every network peer here is on loopback (or inside a network namespace a test creates itself).
+
+Under CI (``CI`` set, as CI services set it): hypothesis runs derandomized, so a property test fails the same way
+on every run; and a skipped security test (marked ``security``, or skipped because it needs root, another uid or
+a network namespace) fails the run, since CI runs as root and such a skip means the test silently did not run.
 """
 
 import base64
 import fcntl
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -18,6 +23,7 @@ import time
 import urllib.parse
 
 import pytest
+from hypothesis import settings
 
 from imsa.client import Client
 from imsa.errors import ServiceNotRunning
@@ -35,6 +41,60 @@ _SCRUB = (
     "AWS_DEFAULT_REGION", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy",
     "NO_PROXY", "no_proxy", "IMSA_CONFIG", "IMSA_CONTROL_SOCKET", "XDG_RUNTIME_DIR", "IMSA_SIGNIN_URL",
 )
+
+
+def in_ci():
+    """True when the suite runs under CI: ``CI`` is set (CI services set it to true)."""
+    return bool(os.environ.get("CI"))
+
+
+# A property test that fails in CI must fail again on the next run, and print how to reproduce it locally
+# (``@reproduce_failure``); failing examples worth keeping become ``@example``s. Recent hypothesis versions load
+# a profile like this one by themselves; settings a test passes explicitly still win, so none passes derandomize.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if in_ci():
+    settings.load_profile("ci")
+
+# The skip reasons of tests that need what CI has (it runs as root): root, another uid, a network namespace.
+SECURITY_SKIP = re.compile(r"\broot\b|\buid\b|network namespace", re.IGNORECASE)
+# Security tests skipped in this run (nodeid, reason); only collected under CI.
+_security_skips = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "security: a security test; under CI a skip of it fails the run (see the README, Tests)")
+
+
+def skip_reason(report):
+    """The reason a skipped test report gives."""
+    return report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+
+
+def is_security_skip(report):
+    """Whether *report* is a skipped security test: marked ``security``, or skipped for want of root/netns."""
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return False
+    return "security" in report.keywords or bool(SECURITY_SKIP.search(skip_reason(report)))
+
+
+def pytest_runtest_logreport(report):
+    if in_ci() and is_security_skip(report):
+        _security_skips.append((report.nodeid, skip_reason(report)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _security_skips and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _security_skips:
+        terminalreporter.section("security tests skipped under CI", red=True, bold=True)
+        for nodeid, reason in _security_skips:
+            terminalreporter.line(f"{nodeid}: {reason}", red=True)
+        terminalreporter.line(f"{len(_security_skips)} security test(s) did not run; CI runs as root so that they "
+                              "do: this run fails", red=True, bold=True)
 
 
 def shared_tmpdir(prefix):
@@ -197,6 +257,23 @@ class Service:
         """What the service wrote to its log so far."""
         with open(self.log_path, encoding="utf-8", errors="replace") as handle:
             return handle.read()
+
+    def wait_for_log(self, text, timeout=10):
+        """The log once it holds *text* (polled, at most *timeout* seconds); AssertionError with its tail if not."""
+        return wait_for_log(self.log_path, text, timeout)
+
+
+def wait_for_log(path, text, timeout=10):
+    """The file at *path* once it holds *text*: polled every 50 ms for at most *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            content = handle.read()
+        if text in content:
+            return content
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged within {timeout} s: {content[-2000:]}")
+        time.sleep(0.05)
 
 
 def service_user_args():
