@@ -149,8 +149,8 @@ class StsServer:
         except OSError:
             return 0
 
-    def actions(self, since=0):
-        """The STS/IAM Action of every request recorded after *since*."""
+    def requests(self, since=0):
+        """The form parameters (a dict, ``Action`` included) of every request recorded after *since*."""
         found = []
         try:
             with open(self.recording, "rb") as handle:
@@ -163,9 +163,12 @@ class StsServer:
             body = entry.get("body") or ""
             if entry.get("body_encoded"):
                 body = base64.b64decode(body).decode("utf-8", "replace")
-            action = urllib.parse.parse_qs(body).get("Action", [None])[0]
-            found.append(action)
+            found.append({name: values[0] for name, values in urllib.parse.parse_qs(body).items()})
         return found
+
+    def actions(self, since=0):
+        """The STS/IAM Action of every request recorded after *since*."""
+        return [params.get("Action") for params in self.requests(since)]
 
     def calls(self, action, since=0):
         """How many *action* requests reached STS after *since*."""
@@ -314,6 +317,15 @@ def service(sts_env):
     yield running
     stop_process(running.process)
     os.unlink(running.log_path)
+
+
+def run_without_terminal(*args, env=None):
+    """Run the CLI in a new session (no controlling terminal, so /dev/tty cannot be opened) with stdin at /dev/null:
+    wherever it would ask for an MFA code it fails instead (exit 4)."""
+    return subprocess.run(
+        [sys.executable, "-m", "imsa", *args], capture_output=True, text=True, env=env or dict(os.environ),
+        stdin=subprocess.DEVNULL, start_new_session=True, timeout=60,
+    )
 
 
 def run_imsa(*args, env=None, input=None, timeout=60):
