@@ -404,7 +404,8 @@ def _cycles(config, raw):
                 if key not in reported:
                     reported.add(key)
                     # Point at a profile on the loop, not at one that merely leads into it.
-                    problems.append(f"{config._where(loop[0], 'extends')}: extends cycle {' -> '.join(map(repr, loop))}")
+                    cycle = " -> ".join(map(repr, loop))
+                    problems.append(f"{config._where(loop[0], 'extends')}: extends cycle {cycle}")
                 break
             seen.append(current)
     return problems
@@ -443,7 +444,8 @@ def profile_names(path=None):
             import yaml
 
             raw = yaml.safe_load(text)
-            names = [name for name in raw if isinstance(name, str) and name.isprintable()] if isinstance(raw, dict) else []
+            raw = raw if isinstance(raw, dict) else {}
+            names = [name for name in raw if isinstance(name, str) and name.isprintable()]
     except Exception:  # completion must never fail loudly
         return []
     return sorted(names)
