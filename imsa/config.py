@@ -49,6 +49,14 @@ RANGES = {
     "duration_seconds": (MIN_DURATION, MAX_ROLE_DURATION),
     "session_duration_seconds": (MIN_DURATION, MAX_SESSION_DURATION),
 }
+# Keys people carry over from other files, and what ~/.imsa calls them (difflib finds neither).
+RENAMED_KEYS = {
+    "region_name": "use 'region' (older imsa files called it region_name)",
+    "source_profile": "use 'extends' (source_profile is what ~/.aws/config calls it)",
+}
+# An INI section header and an INI assignment: ~/.aws/credentials pasted where YAML belongs.
+_INI_SECTION = re.compile(r"^\[[^\]\n]+\][ \t]*$")
+_INI_ASSIGNMENT = re.compile(r"^[ \t]*[A-Za-z_][\w.-]*[ \t]*=")
 
 
 def config_path():
@@ -136,7 +144,8 @@ class Config:
             import difflib
 
             hint = difflib.get_close_matches(name, self.names, n=1)
-            suffix = f" (did you mean {hint[0]!r}?)" if hint else f" (profiles: {', '.join(self.names) or 'none'})"
+            listed = ", ".join(repr(known) for known in self.names) or "none"
+            suffix = f" (did you mean {hint[0]!r}?)" if hint else f" (profiles: {listed})"
             raise ConfigError(f"{self.path}: no profile {name!r}{suffix}")
         merged = {}
         for ancestor in reversed(self._chain(name)):
@@ -154,23 +163,110 @@ class Config:
 
 
 def _line_numbers(text):
-    """Map (profile, key) and (profile, None) to 1-based line numbers, for error messages."""
+    """Map (profile, key) and (profile, None) to 1-based line numbers, for error messages.
+
+    Names are the values YAML makes of them (``123:`` is the number 123), as in the loaded mapping.
+    """
     import yaml
 
     lines = {}
+    loader = yaml.SafeLoader(text)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-    if not isinstance(root, yaml.MappingNode):
-        return lines
-    for key_node, value_node in root.value:
-        profile = key_node.value
-        lines[(profile, None)] = key_node.start_mark.line + 1
-        if isinstance(value_node, yaml.MappingNode):
-            for sub_key, _ in value_node.value:
-                lines[(profile, sub_key.value)] = sub_key.start_mark.line + 1
+        root = loader.get_single_node()
+        if not isinstance(root, yaml.MappingNode):
+            return lines
+        for key_node, value_node in root.value:
+            profile = _key_value(loader, key_node)
+            lines[(profile, None)] = key_node.start_mark.line + 1
+            if isinstance(value_node, yaml.MappingNode):
+                for sub_key, _ in value_node.value:
+                    lines[(profile, _key_value(loader, sub_key))] = sub_key.start_mark.line + 1
+    except (yaml.YAMLError, TypeError):
+        pass
+    finally:
+        loader.dispose()
     return lines
+
+
+def _key_value(loader, node):
+    """What YAML makes of a mapping key *node*, or its text when that is not a plain hashable value."""
+    import yaml
+
+    try:
+        value = loader.construct_object(node, deep=True)
+        hash(value)
+    except (yaml.YAMLError, TypeError):
+        return node.value if isinstance(node, yaml.ScalarNode) else None
+    return value
+
+
+class _DuplicateKey(Exception):
+    """A mapping in the file names one key twice (YAML would keep the last one silently)."""
+
+    def __init__(self, key, first, second, top_level, profile=None):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+        self.top_level, self.profile = top_level, profile
+
+
+_loader_class = []
+
+
+def _unique_key_loader():
+    """A SafeLoader that refuses a key given twice in one mapping, with the lines of both (built on first use)."""
+    if _loader_class:
+        return _loader_class[0]
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_document(self, node):
+            self._root = node
+            self._profile_of = {}  # id of a profile's value node -> the profile's name
+            return super().construct_document(node)
+
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, value_node in node.value:
+                # "<<" merges are meant to be overridden by the mapping's own keys: only those are compared.
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: the constructor itself reports it
+                if first is not key_node:
+                    raise _DuplicateKey(key, first.start_mark.line + 1, key_node.start_mark.line + 1,
+                                        node is self._root, self._profile_of.get(id(node)))
+                if node is self._root:
+                    self._profile_of[id(value_node)] = key
+            return super().construct_mapping(node, deep=deep)
+
+    _loader_class.append(UniqueKeyLoader)
+    return UniqueKeyLoader
+
+
+def _duplicate_message(path, duplicate):
+    """The one line that reports *duplicate*, naming both of its lines."""
+    lines = f"lines {duplicate.first} and {duplicate.second}"
+    if duplicate.top_level:
+        return (f"{path}:{duplicate.second}: profile {duplicate.key!r} is defined twice ({lines}); "
+                "rename or remove one")
+    if duplicate.profile is not None:
+        return (f"{path}:{duplicate.second}: profile {duplicate.profile!r}, key {duplicate.key!r}: "
+                f"set twice in this profile ({lines}); remove one")
+    return f"{path}:{duplicate.second}: key {duplicate.key!r} is given twice in one mapping ({lines}); remove one"
+
+
+def _ini_line(text):
+    """The line of the first section header when *text* reads like an INI file (``[name]`` and ``key = value``)."""
+    lines = text.splitlines()
+    if not any(_INI_ASSIGNMENT.match(line) for line in lines):
+        return None
+    for number, line in enumerate(lines, 1):
+        if _INI_SECTION.match(line):
+            return number
+    return None
 
 
 def _shown(key, value):
@@ -225,8 +321,11 @@ def load(path=None, warn=None):
     if warn and stat.S_IMODE(mode) & 0o077:
         warn(f"imsa: warning: {path} holds long-term keys and is readable by others; run: chmod 600 {path}")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_unique_key_loader())
+    except _DuplicateKey as duplicate:
+        raise ConfigError(_duplicate_message(path, duplicate)) from None
     except yaml.YAMLError as error:
+        _refuse_ini(path, text)
         mark = getattr(error, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
@@ -234,23 +333,26 @@ def load(path=None, warn=None):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
+        _refuse_ini(path, text)
         raise ConfigError(f"{path}: must be a mapping of profile names to settings, not {type(raw).__name__}")
     config = Config(path, {}, _line_numbers(text))
     problems = []
     for name, settings in raw.items():
         if not isinstance(name, str):
-            problems.append(f"{path}: profile name {name!r} must be a string")
+            line = config._lines.get((name, None))
+            where = f"{path}:{line}" if line else path
+            problems.append(f"{where}: this profile name is read by YAML as {type(name).__name__} {name!r}, not as "
+                            "text; put it in quotes")
+            continue
+        if not name.isprintable():
+            problems.append(f"{config._where(name)}: a profile name must not contain control characters or line breaks")
             continue
         if not isinstance(settings, dict):
             problems.append(f"{config._where(name)}: must be a mapping of keys to values")
             continue
         for key, value in settings.items():
             if key not in KNOWN_KEYS:
-                import difflib
-
-                hint = difflib.get_close_matches(str(key), KNOWN_KEYS, n=1)
-                suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
-                problems.append(f"{config._where(name, key)}: unknown key{suffix}")
+                problems.append(f"{config._where(name, key)}: unknown key{_unknown_key_hint(key)}")
                 continue
             problem = _check_value(key, value)
             if problem:
@@ -270,6 +372,23 @@ def load(path=None, warn=None):
     return config
 
 
+def _refuse_ini(path, text):
+    """ConfigError when *text* is an INI file (what ~/.aws/credentials looks like) rather than YAML."""
+    line = _ini_line(text)
+    if line is not None:
+        raise ConfigError(f"{path}:{line}: this looks like an INI file; ~/.imsa is YAML (see README, Configuration)")
+
+
+def _unknown_key_hint(key):
+    """What to write instead of the unknown *key*: a known rename, else the closest known key, else nothing."""
+    if key in RENAMED_KEYS:
+        return "; " + RENAMED_KEYS[key]
+    import difflib
+
+    hint = difflib.get_close_matches(str(key), KNOWN_KEYS, n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
 def _cycles(config, raw):
     """One problem line per profile whose ``extends`` chain loops."""
     problems = []
@@ -285,7 +404,8 @@ def _cycles(config, raw):
                 if key not in reported:
                     reported.add(key)
                     # Point at a profile on the loop, not at one that merely leads into it.
-                    problems.append(f"{config._where(loop[0], 'extends')}: extends cycle {' -> '.join(loop)}")
+                    cycle = " -> ".join(map(repr, loop))
+                    problems.append(f"{config._where(loop[0], 'extends')}: extends cycle {cycle}")
                 break
             seen.append(current)
     return problems
@@ -324,7 +444,8 @@ def profile_names(path=None):
             import yaml
 
             raw = yaml.safe_load(text)
-            names = [name for name in raw if isinstance(name, str)] if isinstance(raw, dict) else []
+            raw = raw if isinstance(raw, dict) else {}
+            names = [name for name in raw if isinstance(name, str) and name.isprintable()]
     except Exception:  # completion must never fail loudly
         return []
     return sorted(names)

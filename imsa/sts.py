@@ -17,6 +17,8 @@ MFA_ATTEMPTS = 3
 # How often a code that is not 6 digits is asked for again before giving up.
 MFA_TYPOS = 5
 MFA_PROCESS_TIMEOUT = 60
+# mfa_process is split like a shell would but run without one: "a | b", "> f", "~" and "$X" are plain arguments.
+NO_SHELL = "mfa_process runs without a shell; for pipes, redirections, ~ or $VARIABLES use: sh -c '...'"
 DEFAULT_REGION = "us-east-1"
 
 
@@ -170,15 +172,17 @@ def run_mfa_process(command):
             argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=MFA_PROCESS_TIMEOUT, check=False
         )
     except FileNotFoundError:
-        raise MfaError(f"mfa_process: command not found: {argv[0]}") from None
+        raise MfaError(f"mfa_process: command not found: {argv[0]} ({NO_SHELL})") from None
     except subprocess.TimeoutExpired:
         raise MfaError(f"mfa_process did not finish within {MFA_PROCESS_TIMEOUT} s") from None
+    except OSError as error:  # not executable, a directory, ...
+        raise MfaError(f"mfa_process: cannot run {argv[0]}: {error.strerror} ({NO_SHELL})") from None
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise MfaError(f"mfa_process failed: {reason}")
+        raise MfaError(f"mfa_process failed: {reason} ({NO_SHELL})")
     code = done.stdout.strip()
     if not MFA_CODE.match(code):
-        raise MfaError("mfa_process did not print a 6-digit code")
+        raise MfaError(f"mfa_process did not print a 6-digit code ({NO_SHELL})")
     return code
 
 

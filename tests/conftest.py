@@ -1,12 +1,17 @@
 """Shared fixtures: an isolated environment, moto's server as a strict STS, and a live imsa service.
 
 Every network peer here is on loopback (or inside a network namespace a test creates itself).
+
+Under CI (``CI`` set, as CI services set it): hypothesis runs derandomized, so a property test fails the same way
+on every run; and a skipped security test (marked ``security``, or skipped because it needs root, another uid or
+a network namespace) fails the run, since CI runs as root and such a skip means the test silently did not run.
 """
 
 import base64
 import fcntl
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -18,6 +23,7 @@ import time
 import urllib.parse
 
 import pytest
+from hypothesis import settings
 
 from imsa.client import Client
 from imsa.errors import ServiceNotRunning
@@ -40,6 +46,60 @@ _SCRUB = (
 # Tests may run as root; the service refuses to serve root, so it then serves this user.
 SERVICE_USER = "nobody"
 SERVICE_UID = 65534
+
+
+def in_ci():
+    """True when the suite runs under CI: ``CI`` is set (CI services set it to true)."""
+    return bool(os.environ.get("CI"))
+
+
+# A property test that fails in CI must fail again on the next run, and print how to reproduce it locally
+# (``@reproduce_failure``); failing examples worth keeping become ``@example``s. Recent hypothesis versions load
+# a profile like this one by themselves; settings a test passes explicitly still win, so none passes derandomize.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if in_ci():
+    settings.load_profile("ci")
+
+# The skip reasons of tests that need what CI has (it runs as root): root, another uid, a network namespace.
+SECURITY_SKIP = re.compile(r"\broot\b|\buid\b|network namespace", re.IGNORECASE)
+# Security tests skipped in this run (nodeid, reason); only collected under CI.
+_security_skips = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "security: a security test; under CI a skip of it fails the run (see the README, Tests)")
+
+
+def skip_reason(report):
+    """The reason a skipped test report gives."""
+    return report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+
+
+def is_security_skip(report):
+    """Whether *report* is a skipped security test: marked ``security``, or skipped for want of root/netns."""
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return False
+    return "security" in report.keywords or bool(SECURITY_SKIP.search(skip_reason(report)))
+
+
+def pytest_runtest_logreport(report):
+    if in_ci() and is_security_skip(report):
+        _security_skips.append((report.nodeid, skip_reason(report)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _security_skips and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _security_skips:
+        terminalreporter.section("security tests skipped under CI", red=True, bold=True)
+        for nodeid, reason in _security_skips:
+            terminalreporter.line(f"{nodeid}: {reason}", red=True)
+        terminalreporter.line(f"{len(_security_skips)} security test(s) did not run; CI runs as root so that they "
+                              "do: this run fails", red=True, bold=True)
 
 
 def shared_tmpdir(prefix):
@@ -104,8 +164,8 @@ class StsServer:
         except OSError:
             return 0
 
-    def actions(self, since=0):
-        """The STS/IAM Action of every request recorded after *since*."""
+    def requests(self, since=0):
+        """The form parameters (a dict, ``Action`` included) of every request recorded after *since*."""
         found = []
         try:
             with open(self.recording, "rb") as handle:
@@ -118,9 +178,12 @@ class StsServer:
             body = entry.get("body") or ""
             if entry.get("body_encoded"):
                 body = base64.b64decode(body).decode("utf-8", "replace")
-            action = urllib.parse.parse_qs(body).get("Action", [None])[0]
-            found.append(action)
+            found.append({name: values[0] for name, values in urllib.parse.parse_qs(body).items()})
         return found
+
+    def actions(self, since=0):
+        """The STS/IAM Action of every request recorded after *since*."""
+        return [params.get("Action") for params in self.requests(since)]
 
     def calls(self, action, since=0):
         """How many *action* requests reached STS after *since*."""
@@ -214,15 +277,21 @@ class Service:
             return handle.read()
 
     def wait_for_log(self, text, timeout=10):
-        """The log once it contains *text* (polled: refusals after the first from a peer are only counted, and
-        their count is written when the interval ends); fails after *timeout* seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            log = self.log()
-            if text in log:
-                return log
-            assert time.monotonic() < deadline, f"{text!r} not in the service's log: {log[-3000:]}"
-            time.sleep(0.05)
+        """The log once it holds *text* (polled, at most *timeout* seconds); AssertionError with its tail if not."""
+        return wait_for_log(self.log_path, text, timeout)
+
+
+def wait_for_log(path, text, timeout=10):
+    """The file at *path* once it holds *text*: polled every 50 ms for at most *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            content = handle.read()
+        if text in content:
+            return content
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged within {timeout} s: {content[-2000:]}")
+        time.sleep(0.05)
 
 
 def service_user_args():
@@ -263,6 +332,15 @@ def service(sts_env):
     yield running
     stop_process(running.process)
     os.unlink(running.log_path)
+
+
+def run_without_terminal(*args, env=None):
+    """Run the CLI in a new session (no controlling terminal, so /dev/tty cannot be opened) with stdin at /dev/null:
+    wherever it would ask for an MFA code it fails instead (exit 4)."""
+    return subprocess.run(
+        [sys.executable, "-m", "imsa", *args], capture_output=True, text=True, env=env or dict(os.environ),
+        stdin=subprocess.DEVNULL, start_new_session=True, timeout=60,
+    )
 
 
 def run_imsa(*args, env=None, input=None, timeout=60):
@@ -395,11 +473,6 @@ def one_error_line(done, code):
     assert len(lines) == 1 and lines[0].startswith("imsa: error: "), done.stderr
     assert "Traceback" not in done.stderr
     return lines[0]
-
-
-def needs_root(reason="needs root: it runs processes as other users"):
-    """Skip unless root (CI runs as root, so these run there)."""
-    return pytest.mark.skipif(os.geteuid() != 0, reason=reason)
 
 
 class LocalUser:

@@ -1,8 +1,9 @@
 """moto's server as a strict STS for imsa's tests, run as its own process: ``python tests/sts_server.py``.
 
-It prints one JSON line (endpoint, the users' long-term keys, role ARNs) on stdout once it serves, then runs
-until SIGTERM. Strictness is moto's own IAM authentication (``INITIAL_NO_AUTH_ACTION_COUNT``): every request's
-SigV4 signature is checked and the caller's IAM policies and the role's trust policy are enforced.
+It prints one JSON line (endpoint, the users' long-term keys, role ARNs by role name; ``path-role`` has the IAM
+path ``/service-role/``) on stdout once it serves, then runs until SIGTERM. Strictness is moto's own IAM
+authentication (``INITIAL_NO_AUTH_ACTION_COUNT``): every request's SigV4 signature is checked and the caller's IAM
+policies and the role's trust policy are enforced.
 
 moto alone cannot authenticate what its own GetSessionToken returns (one fixed key pair that no principal owns,
 and it refuses session tokens on user keys), so in strict mode AssumeRole from an MFA session — imsa's whole
@@ -35,6 +36,8 @@ ACCOUNT = "123456789012"
 USERS = ("alice", "bob")
 ROLES = ("role-a", "role-b", "role-c", "role-d")
 DENIED_ROLE = "role-denied"
+# A role with an IAM path: its ARN is arn:aws:iam::ACCOUNT:role/service-role/path-role, its name path-role.
+PATH_ROLE = ("/service-role/", "path-role")
 
 
 def _random(alphabet, length):
@@ -170,6 +173,9 @@ def populate(endpoint):
         principal = trusted if role != DENIED_ROLE else f"arn:aws:iam::{ACCOUNT}:user/nobody"
         trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": principal}, "Action": "sts:AssumeRole"}]}
         roles[role] = iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+    path, name = PATH_ROLE
+    trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": trusted}, "Action": "sts:AssumeRole"}]}
+    roles[name] = iam.create_role(Path=path, RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
     return keys, roles
 
 

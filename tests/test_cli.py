@@ -11,22 +11,13 @@ import sys
 import boto3
 import pytest
 
-from conftest import MFA_CODE, one_error_line, run_imsa, write_config
+from conftest import MFA_CODE, one_error_line, run_imsa, run_without_terminal, write_config
 from imsa import cli, commands
 from imsa.config import Profile
 from imsa.credentials import Credentials
-from imsa.errors import EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_SERVICE, EXIT_STS, EXIT_USAGE
 
 EXPORTED = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_CREDENTIAL_EXPIRATION",
             "IMSA_PROFILE", "IMSA_PROFILE_EXPIRATION")
-
-
-def run_without_terminal(*args):
-    """Run the CLI in a new session (no controlling terminal, so /dev/tty cannot be opened) with stdin at /dev/null."""
-    return subprocess.run(
-        [sys.executable, "-m", "imsa", *args], capture_output=True, text=True, env=dict(os.environ),
-        stdin=subprocess.DEVNULL, start_new_session=True, timeout=60,
-    )
 
 
 def caller_arn(creds, sts_server):
@@ -56,7 +47,7 @@ def parse_sh(text):
 def test_wrong_mfa_token_exits_4_with_one_line_about_the_code(isolated_env, service, sts_env):
     write_config(isolated_env, sts_env)
     before = sts_env.mark()
-    line = one_error_line(run_imsa("assume", "a", "--mfa-token", "000000"), EXIT_STS)
+    line = one_error_line(run_imsa("assume", "a", "--mfa-token", "000000"), 4)
     assert "MFA code" in line and "invalid MFA one time pass code.)" in line  # STS's trailing space is trimmed
     assert "again with the current code" in line
     assert sts_env.calls("GetSessionToken", before) == 1  # a given code is not retried
@@ -69,7 +60,7 @@ def test_no_terminal_and_no_mfa_token_exits_4_and_says_what_to_do(isolated_env, 
     assert probe.returncode != 0, "a new session must have no controlling terminal"
     write_config(isolated_env, sts_env)
     before = sts_env.mark()
-    line = one_error_line(run_without_terminal("assume", "a"), EXIT_STS)
+    line = one_error_line(run_without_terminal("assume", "a"), 4)
     assert "--mfa-token" in line and "mfa_process" in line
     assert sts_env.actions(before) == []
 
@@ -80,7 +71,7 @@ def test_no_terminal_and_no_mfa_token_exits_4_and_says_what_to_do(isolated_env, 
 @pytest.mark.parametrize("args", [("assume", "a"), ("status",), ("status", "--json"), ("stop",)])
 def test_command_needing_the_service_exits_5_when_none_runs(isolated_env, sts_env, args):
     write_config(isolated_env, sts_env)
-    line = one_error_line(run_imsa(*args), EXIT_SERVICE)
+    line = one_error_line(run_imsa(*args), 5)
     assert "not running" in line and "imsa start" in line
 
 
@@ -102,7 +93,7 @@ def test_export_without_a_service_calls_sts_directly_and_says_nothing_is_cached(
 
 def test_debug_shows_the_traceback_of_an_error(isolated_env):
     done = run_imsa("--debug", "assume", "a")
-    assert done.returncode == EXIT_CONFIG
+    assert done.returncode == 3
     assert "Traceback" in done.stderr and "ConfigError" in done.stderr
     assert done.stderr.splitlines()[-1].startswith("imsa: error: ")
 
@@ -122,8 +113,8 @@ def test_regression_debug_printed_the_sts_answers_with_the_session_secret_and_to
 
 
 def test_without_debug_an_error_has_no_traceback(isolated_env):
-    one_error_line(run_imsa("assume", "a"), EXIT_CONFIG)
-    one_error_line(run_imsa("-v", "assume", "a"), EXIT_CONFIG)
+    one_error_line(run_imsa("assume", "a"), 3)
+    one_error_line(run_imsa("-v", "assume", "a"), 3)
 
 
 def test_unexpected_exception_is_one_line_and_raised_only_with_debug(isolated_env, monkeypatch, capsys):
@@ -131,7 +122,7 @@ def test_unexpected_exception_is_one_line_and_raised_only_with_debug(isolated_en
         raise RuntimeError("something broke")
 
     monkeypatch.setattr(commands, "status", broken)
-    assert cli.main(["status"]) == EXIT_ERROR
+    assert cli.main(["status"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == "imsa: error: unexpected RuntimeError: something broke (run with --debug for details)\n"
@@ -144,13 +135,13 @@ def test_interrupt_exits_130(isolated_env, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(commands, "status", interrupted)
-    assert cli.main(["status"]) == EXIT_INTERRUPTED
+    assert cli.main(["status"]) == 130
     assert capsys.readouterr().err == "imsa: interrupted\n"
 
 
 def test_missing_profile_argument_is_a_usage_error(isolated_env):
     done = run_imsa("assume")
-    assert done.returncode == EXIT_USAGE
+    assert done.returncode == 2
     assert "usage:" in done.stderr and done.stdout == ""
 
 

@@ -22,7 +22,7 @@ VALUES = st.one_of(
 
 def parsed_names(text):
     raw = yaml.safe_load(text)
-    return sorted(name for name in raw if isinstance(name, str)) if isinstance(raw, dict) else []
+    return sorted(name for name in raw if isinstance(name, str) and name.isprintable()) if isinstance(raw, dict) else []
 
 
 @settings(max_examples=200, deadline=None)
@@ -64,3 +64,10 @@ def test_a_value_broken_inside_a_profile_still_completes_the_names(tmp_path):
     path = tmp_path / ".imsa"
     path.write_text("a: [unclosed\nb:\n  region: x\n")
     assert profile_names(str(path)) == ["a", "b"]
+
+
+def test_a_name_with_a_control_character_is_not_offered(tmp_path):
+    # ~/.imsa refuses such a name; offering it would put a line break or escape sequence on the command line.
+    path = tmp_path / ".imsa"
+    path.write_text(yaml.safe_dump({"good": {}, "bad\nname": {}, "bell\a": {}}))
+    assert profile_names(str(path)) == ["good"]

@@ -5,12 +5,12 @@ import textwrap
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import MFA_CODE, run_imsa, write_config
+from conftest import MFA_CODE, one_error_line, run_imsa, write_config
 from imsa import config
-from imsa.errors import EXIT_CONFIG, ConfigError
+from imsa.errors import ConfigError
 
 KEY_ID = "AKIAIOSFODNN7EXAMPLE"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzSECRETzKEY"
@@ -42,9 +42,9 @@ def config_error(home, text, profile=None):
         if profile is not None:
             loaded.get(profile)
     message = str(raised.value)
-    assert raised.value.exit_code == EXIT_CONFIG
+    assert raised.value.exit_code == 3
     assert SECRET not in message and SECRET[:8] not in message
-    assert "\n" not in message
+    assert len(message.splitlines()) == 1, message
     return message
 
 
@@ -56,14 +56,9 @@ def assert_names(message, path, line, profile, key):
 def assert_cli_config_error(profile="x", *extra):
     """``imsa assume PROFILE`` exits 3 with one ``imsa: error:`` line and no traceback; returns that line."""
     done = run_imsa("assume", profile, *extra)
-    assert done.returncode == EXIT_CONFIG, done.stderr
-    assert done.stdout == ""
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("imsa: error: ")
-    assert "Traceback" not in done.stderr
+    line = one_error_line(done, 3)
     assert SECRET not in done.stderr
-    return lines[0]
+    return line
 
 
 # --- one test per error ---
@@ -117,7 +112,7 @@ def test_extends_cycle_between_two_profiles(isolated_env):
     text = BASE + "a:\n  extends: b\nb:\n  extends: a\n"
     message = config_error(isolated_env, text)
     assert_names(message, isolated_env / ".imsa", 6, "a", "extends")
-    assert "extends cycle a -> b -> a" in message
+    assert "extends cycle 'a' -> 'b' -> 'a'" in message
     line = assert_cli_config_error("a")
     assert "cycle" in line
 
@@ -125,7 +120,7 @@ def test_extends_cycle_between_two_profiles(isolated_env):
 def test_extends_cycle_of_a_profile_with_itself(isolated_env):
     message = config_error(isolated_env, BASE + "a:\n  extends: a\n")
     assert_names(message, isolated_env / ".imsa", 6, "a", "extends")
-    assert "extends cycle a -> a" in message
+    assert "extends cycle 'a' -> 'a'" in message
 
 
 def test_extends_cycle_is_reported_at_a_profile_on_the_loop(isolated_env):
@@ -133,7 +128,7 @@ def test_extends_cycle_is_reported_at_a_profile_on_the_loop(isolated_env):
     text = BASE + "c:\n  extends: a\na:\n  extends: b\nb:\n  extends: a\n"
     message = config_error(isolated_env, text)
     assert_names(message, isolated_env / ".imsa", 8, "a", "extends")
-    assert "extends cycle a -> b -> a" in message
+    assert "extends cycle 'a' -> 'b' -> 'a'" in message
 
 
 def test_extends_a_missing_parent(isolated_env):
@@ -215,7 +210,7 @@ def test_unknown_profile_suggests_the_closest_name(isolated_env):
 
 def test_unknown_profile_without_a_close_name_lists_the_profiles(isolated_env):
     message = config_error(isolated_env, BASE + "production:\n  extends: base\n", "zzz")
-    assert "no profile 'zzz'" in message and "base, production" in message
+    assert "no profile 'zzz'" in message and "(profiles: 'base', 'production')" in message
 
 
 def test_missing_config_file(isolated_env):
@@ -246,6 +241,94 @@ def test_imsa_config_variable_chooses_the_file(isolated_env, monkeypatch, tmp_pa
     monkeypatch.setenv("IMSA_CONFIG", str(other))
     assert config.load().path == str(other)
     assert config.load().get("base").aws_access_key_id == KEY_ID
+
+
+# --- mistakes YAML itself lets pass ---
+
+
+def test_a_profile_defined_twice_names_both_lines(isolated_env):
+    # YAML keeps the last one silently: a copy-paste slip would pick another role with exit 0.
+    text = BASE + f"a:\n  extends: base\n  role_arn: {ROLE}\na:\n  extends: base\n  role_arn: {ROLE}-2\n"
+    message = config_error(isolated_env, text)
+    assert message == f"{isolated_env / '.imsa'}:8: profile 'a' is defined twice (lines 5 and 8); rename or remove one"
+    line = assert_cli_config_error("a")
+    assert "defined twice (lines 5 and 8)" in line
+
+
+def test_a_key_set_twice_in_one_profile_names_both_lines(isolated_env):
+    text = BASE + f"a:\n  extends: base\n  role_arn: {ROLE}\n  region: eu-west-1\n  role_arn: {ROLE}-2\n"
+    message = config_error(isolated_env, text)
+    assert message == (f"{isolated_env / '.imsa'}:9: profile 'a', key 'role_arn': set twice in this profile "
+                       "(lines 7 and 9); remove one")
+    assert_cli_config_error("a")
+
+
+def test_a_secret_set_twice_is_reported_without_showing_it(isolated_env):
+    message = config_error(isolated_env, BASE + f"  aws_secret_access_key: {SECRET}\n")
+    assert_names(message, isolated_env / ".imsa", 5, "base", "aws_secret_access_key")
+    assert "(lines 3 and 5)" in message
+
+
+def test_a_key_given_twice_deeper_down_names_both_lines(isolated_env):
+    message = config_error(isolated_env, BASE + "a:\n  extends: base\n  region: {x: 1,\n    x: 2}\n")
+    assert message.startswith(f"{isolated_env / '.imsa'}:8: key 'x' is given twice in one mapping (lines 7 and 8)")
+
+
+def test_yaml_merge_keys_overridden_by_the_profile_are_not_duplicates(isolated_env):
+    path = write(isolated_env, BASE.replace("base:", "base: &base") + "a:\n  <<: *base\n  region: eu-west-1\n"
+                 "b:\n  <<: *base\n  mfa_serial_number: arn:aws:iam::123456789012:mfa/bob\n")
+    loaded = config.load(path)
+    assert loaded.get("a").aws_access_key_id == KEY_ID and loaded.get("a").region == "eu-west-1"
+    assert loaded.get("b").mfa_serial_number == "arn:aws:iam::123456789012:mfa/bob"
+
+
+@pytest.mark.parametrize("key,hint", [
+    ("region_name", "use 'region' (older imsa files called it region_name)"),
+    ("source_profile", "use 'extends' (source_profile is what ~/.aws/config calls it)"),
+])
+def test_keys_of_other_files_point_to_their_imsa_name(isolated_env, key, hint):
+    message = config_error(isolated_env, BASE + f"a:\n  extends: base\n  {key}: eu-west-1\n")
+    assert_names(message, isolated_env / ".imsa", 7, "a", key)
+    assert message.endswith(f": unknown key; {hint}")
+    assert hint in assert_cli_config_error("a")
+
+
+@pytest.mark.parametrize("text,line", [
+    (f"[default]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n", 1),
+    ("# from ~/.aws/config\n\n[profile dev]\nregion=eu-west-1\n[profile prod]\nregion = eu-west-1\n", 3),
+], ids=["credentials", "config"])
+def test_an_ini_file_is_named_as_such(isolated_env, text, line):
+    message = config_error(isolated_env, text)
+    assert message == f"{isolated_env / '.imsa'}:{line}: this looks like an INI file; ~/.imsa is YAML (see README, Configuration)"
+    assert "INI file" in assert_cli_config_error("default")
+
+
+@pytest.mark.parametrize("written,shown", [("123", "int 123"), ("yes", "bool True"), ("1.5", "float 1.5"), ("~", "NoneType None")])
+def test_a_profile_name_yaml_reads_as_no_text_names_its_line(isolated_env, written, shown):
+    message = config_error(isolated_env, BASE + f"{written}:\n  extends: base\n")
+    assert message == f"{isolated_env / '.imsa'}:5: this profile name is read by YAML as {shown}, not as text; put it in quotes"
+    assert_cli_config_error("base")
+
+
+@pytest.mark.parametrize("name", ["a\nimsa: error: forged", "a\rb", "a\tb", "a\x1b[31mb", "a\u2028b", "a\x85b"],
+                         ids=["newline", "return", "tab", "escape", "line-separator", "next-line"])
+def test_a_profile_name_with_a_control_character_is_refused_at_its_line(isolated_env, name):
+    message = config_error(isolated_env, BASE + yaml.safe_dump({name: {"extends": "base"}}))
+    assert message == (f"{isolated_env / '.imsa'}:5: profile {name!r}: a profile name must not contain control "
+                       "characters or line breaks")
+
+
+def test_a_newline_in_a_profile_name_cannot_forge_a_second_error_line(isolated_env):
+    # Found by test_any_mapping_of_profiles_gives_a_profile_or_a_config_error: the "profiles: ..." hint of an
+    # unknown profile echoed the names raw, so this file made a second "imsa: error:" line of its own.
+    write(isolated_env, BASE + yaml.safe_dump({"x\nimsa: error: forged": {"extends": "base"}}))
+    line = assert_cli_config_error("zzz")
+    assert "forged" in line and "\\n" in line
+
+
+def test_names_in_the_profile_list_are_quoted(isolated_env):
+    message = config_error(isolated_env, BASE + "'a, b':\n  extends: base\n", "zzz")
+    assert message.endswith("(profiles: 'a, b', 'base')")
 
 
 # --- what works ---
@@ -281,7 +364,7 @@ def test_extends_resolves_child_over_parent_at_three_levels(isolated_env):
     parent = loaded.get("parent")
     assert parent.role_arn == ROLE and parent.role_session_name is None
     base = loaded.get("base")
-    assert base.role_arn is None and base.region is None and base.duration_seconds == config.DEFAULT_ROLE_DURATION
+    assert base.role_arn is None and base.region is None and base.duration_seconds == 3600
 
 
 def test_original_imsa_format_works_unchanged(isolated_env):
@@ -367,8 +450,16 @@ files = st.dictionaries(
 )
 
 
+def assert_one_line(error, path):
+    """A ConfigError's message: starts with the file, is one line (no line break of any kind), shows no secret."""
+    message = str(error)
+    assert message.startswith(path) and len(message.splitlines()) == 1, message
+    assert SECRET not in message
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=files, ask=st.one_of(profile_names.filter(lambda name: isinstance(name, str)), st.just("a")))
+@example(raw={"x\nimsa: error: forged": {}}, ask="a")  # the hint listed profile names raw: a second error line
 def test_any_mapping_of_profiles_gives_a_profile_or_a_config_error(isolated_env, raw, ask):
     path = write(isolated_env, yaml.safe_dump(raw))
     try:
@@ -377,13 +468,11 @@ def test_any_mapping_of_profiles_gives_a_profile_or_a_config_error(isolated_env,
             try:
                 profile = loaded.get(name)
             except ConfigError as error:
-                assert str(error).startswith(path) and "\n" not in str(error)
-                assert SECRET not in str(error)
+                assert_one_line(error, path)
             else:
                 assert SECRET not in repr(profile)
     except ConfigError as error:
-        assert str(error).startswith(path) and "\n" not in str(error)
-        assert SECRET not in str(error)
+        assert_one_line(error, path)
 
 
 # Pieces of YAML syntax, so that most texts are almost-valid YAML.
@@ -399,4 +488,4 @@ def test_any_text_gives_a_config_or_a_config_error(isolated_env, text):
     try:
         config.load(path)
     except ConfigError as error:
-        assert str(error).startswith(path) and "\n" not in str(error)
+        assert_one_line(error, path)

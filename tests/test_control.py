@@ -45,6 +45,7 @@ def as_other_user(path):
     )
 
 
+@pytest.mark.security
 @needs_root
 def test_another_uid_cannot_even_open_the_socket(service):
     done = as_other_user(service.socket)
@@ -52,6 +53,7 @@ def test_another_uid_cannot_even_open_the_socket(service):
     assert "pid" not in done.stdout
 
 
+@pytest.mark.security
 @needs_root
 def test_another_uid_is_refused_by_peer_credentials_even_if_the_file_is_opened_up(service):
     # Defence in depth: were the socket's mode ever loosened, SO_PEERCRED still refuses the stranger.

@@ -20,7 +20,7 @@ from imdsv2 import TOKEN, TTL, put_token, service_credentials
 LONG = os.environ.get("IMSA_LONG_TESTS") == "1"
 BUDGET = 600 if LONG else 20
 FUZZ = settings(
-    max_examples=30000 if LONG else 1500, deadline=None, derandomize=False, database=None,
+    max_examples=30000 if LONG else 1500, deadline=None, database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 

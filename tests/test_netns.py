@@ -18,7 +18,8 @@ def _can_unshare():
     return done.returncode == 0
 
 
-pytestmark = pytest.mark.skipif(not _can_unshare(), reason="needs root, unshare(1) and ip(8) to make a network namespace")
+pytestmark = [pytest.mark.security,
+              pytest.mark.skipif(not _can_unshare(), reason="needs root, unshare(1) and ip(8) to make a network namespace")]
 
 
 def run_scenario(name, timeout=120):

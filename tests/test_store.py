@@ -10,7 +10,7 @@ from botocore.utils import InstanceMetadataFetcher
 from imsa import imds
 from imsa.credentials import Credentials
 from imsa.errors import StsError
-from imsa.store import RETRY_FIRST, RETRY_MAX, ROTATE_BEFORE, RoleSpec, Store
+from imsa.store import RoleSpec, Store
 
 T0 = datetime.datetime(2030, 1, 1, 12, 0, 0, tzinfo=datetime.timezone.utc)
 FP = "f" * 32
@@ -80,7 +80,7 @@ def test_rotation_happens_before_30_minutes_are_left(world):
     served = store.served().credentials
     assert served.access_key_id == "ASIAROLE000000000002"
     assert served.remaining(clock()) == datetime.timedelta(hours=1)
-    assert due == served.expiration - ROTATE_BEFORE
+    assert due == served.expiration - datetime.timedelta(minutes=30)  # rotated with 30 min left (README)
 
 
 def test_served_credentials_keep_25_minutes_while_sts_works(world):
@@ -102,7 +102,7 @@ def test_sts_failure_keeps_valid_credentials_backs_off_and_recovers(world):
     sts.failing = "Throttling: Rate exceeded"
     due = store.refresh_once()
     assert store.served().credentials == first
-    assert due == clock() + RETRY_FIRST
+    assert due == clock() + datetime.timedelta(seconds=5)  # retried after 5 s, doubling to 5 min (README)
     assert store.status()["active"]["last_error"] == "Throttling: Rate exceeded"
     delays = []
     for _ in range(8):
@@ -111,8 +111,8 @@ def test_sts_failure_keeps_valid_credentials_backs_off_and_recovers(world):
         due = store.refresh_once()
         assert sts.calls == calls + 1
         delays.append(due - clock())
-    assert delays[:3] == [RETRY_FIRST * 2, RETRY_FIRST * 4, RETRY_FIRST * 8]
-    assert delays[-1] == RETRY_MAX
+    assert delays[:3] == [datetime.timedelta(seconds=seconds) for seconds in (10, 20, 40)]
+    assert delays[-1] == datetime.timedelta(minutes=5)
     assert store.served().credentials == first  # still valid: the retries took about 15 of its 29 minutes
     sts.failing = None
     clock.now = due
@@ -291,7 +291,7 @@ def imds_get(endpoint, path):
 
 def test_regression_a_switch_between_role_list_and_role_answered_404(live_imds):
     # An SDK lists the role, then asks for it: `imsa assume` in between made that 404 and the SDK's whole
-    # credential load failed (tests/test_soak.py saw 138 in 30 s). The replaced role is answered for SWITCH_GRACE.
+    # credential load failed (tests/test_soak.py saw 138 in 30 s). The replaced role is answered for 5 s.
     clock, sts, store, endpoint = live_imds
     other = RoleSpec(profile="b", fingerprint=FP, role_arn="arn:aws:iam::123456789012:role/role-b",
                      role_session_name="tester")
@@ -303,7 +303,7 @@ def test_regression_a_switch_between_role_list_and_role_answered_404(live_imds):
     assert status == 200 and json.loads(body)["AccessKeyId"] == "ASIAROLE000000000001", "role-a's own credentials"
     assert json.loads(imds_get(endpoint, path + "role-b")[1])["AccessKeyId"] == "ASIAROLE000000000002"
     assert imds_get(endpoint, path) == (200, "role-b"), "the list names only the active role"
-    clock.advance(seconds=imds.SWITCH_GRACE.total_seconds())
+    clock.advance(seconds=5)  # the grace the README documents
     assert imds_get(endpoint, path + "role-a")[0] == 200
     clock.advance(seconds=1)
     assert imds_get(endpoint, path + "role-a")[0] == 404, "only for a moment"

@@ -11,7 +11,7 @@ from botocore.stub import Stubber
 from imsa import sts
 from imsa.config import Profile
 from imsa.credentials import Credentials
-from imsa.errors import EXIT_STS, MfaError, StsError
+from imsa.errors import MfaError, StsError
 
 KEY_ID = "AKIAIOSFODNN7EXAMPLE"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzSECRETzKEY"
@@ -155,7 +155,7 @@ def test_assume_role_refused_is_an_sts_error_naming_the_action(stub):
     with pytest.raises(StsError) as raised:
         sts.assume_role(session_credentials(), profile().role_spec(), stub.factory)
     assert str(raised.value) == "STS AssumeRole failed: AccessDenied: not authorized to perform sts:AssumeRole"
-    assert raised.value.exit_code == EXIT_STS
+    assert raised.value.exit_code == 4
 
 
 # --- MFA codes from the prompt ---
@@ -196,7 +196,7 @@ def test_refused_code_three_times_gives_up_with_mfa_error(stub):
     with pytest.raises(MfaError) as raised:
         sts.new_session(profile(), sts.MfaSource(profile(), prompt=prompt), stub.factory)
     assert len(prompt.texts) == 3 and prompt.answers == ["444444"]
-    assert raised.value.exit_code == EXIT_STS == 4
+    assert raised.value.exit_code == 4
     message = str(raised.value)
     assert "MFA code" in message and "3 attempts" in message and "\n" not in message
 
@@ -255,8 +255,8 @@ def test_mfa_process_failure_reports_its_stderr(stub, tmp_path):
     with_process = profile(mfa_process=command)
     with pytest.raises(MfaError) as raised:
         sts.new_session(with_process, sts.MfaSource(with_process, prompt=Prompt()), stub.factory)
-    assert str(raised.value) == "mfa_process failed: yubikey not inserted"
-    assert raised.value.exit_code == EXIT_STS
+    assert str(raised.value).startswith("mfa_process failed: yubikey not inserted (")
+    assert raised.value.exit_code == 4
 
 
 def test_mfa_process_printing_garbage_is_an_mfa_error(stub, tmp_path):
@@ -264,7 +264,7 @@ def test_mfa_process_printing_garbage_is_an_mfa_error(stub, tmp_path):
     with_process = profile(mfa_process=command)
     with pytest.raises(MfaError) as raised:
         sts.new_session(with_process, sts.MfaSource(with_process, prompt=Prompt()), stub.factory)
-    assert str(raised.value) == "mfa_process did not print a 6-digit code"
+    assert str(raised.value).startswith("mfa_process did not print a 6-digit code (")
     assert "no code today" not in str(raised.value)
 
 
@@ -273,6 +273,33 @@ def test_mfa_process_that_does_not_exist(stub, tmp_path):
     with pytest.raises(MfaError) as raised:
         sts.new_session(with_process, sts.MfaSource(with_process, prompt=Prompt()), stub.factory)
     assert "command not found" in str(raised.value)
+    assert "runs without a shell" in str(raised.value)
+
+
+SHELL_HINT = "mfa_process runs without a shell; for pipes, redirections, ~ or $VARIABLES use: sh -c '...'"
+
+
+@pytest.mark.parametrize("body", [
+    "import sys\nsys.exit(2)\n",  # the '|' and the next command arrive as arguments: a usage error
+    "import sys\nprint(' '.join(sys.argv[1:]))\n",  # or are printed back: no 6-digit code
+], ids=["fails", "prints-its-arguments"])
+def test_a_failing_mfa_process_says_it_runs_without_a_shell(stub, tmp_path, body):
+    # Written as in a shell ("... | head -1"); without a shell the pipe is just two more arguments.
+    command = script(tmp_path, body) + " | head -1"
+    with_process = profile(mfa_process=command)
+    with pytest.raises(MfaError) as raised:
+        sts.new_session(with_process, sts.MfaSource(with_process, prompt=Prompt()), stub.factory)
+    assert str(raised.value).endswith(f"({SHELL_HINT})"), str(raised.value)
+
+
+def test_an_mfa_process_that_is_not_executable_is_an_mfa_error(stub, tmp_path):
+    path = tmp_path / "code.txt"
+    path.write_text("123456\n")
+    with_process = profile(mfa_process=str(path))
+    with pytest.raises(MfaError) as raised:
+        sts.new_session(with_process, sts.MfaSource(with_process, prompt=Prompt()), stub.factory)
+    assert str(raised.value) == f"mfa_process: cannot run {path}: Permission denied ({SHELL_HINT})"
+    assert raised.value.exit_code == 4
 
 
 def test_given_code_wins_over_mfa_process(stub, tmp_path):

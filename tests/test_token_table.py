@@ -54,3 +54,14 @@ def test_expired_tokens_are_refused_even_before_they_are_swept():
     assert table.valid(token)
     clock.now += 1
     assert not table.valid(token)
+
+
+def test_the_table_holds_the_documented_10000_tokens():
+    # The README documents the bound; a literal here, so that changing it is a visible decision.
+    clock = Clock()
+    table = TokenTable(clock=clock)
+    tokens = [table.issue(21600) for _ in range(10_000)]
+    assert len(table) == 10_000 and table.valid(tokens[0])
+    newest = table.issue(21600)
+    assert len(table) == 10_000
+    assert not table.valid(tokens[0]) and table.valid(tokens[1]) and table.valid(newest)
