@@ -501,16 +501,18 @@ class LocalUser:
 
 @pytest.fixture(scope="session")
 def local_users():
-    """Two real unprivileged accounts, 'imsa-owner' (the user imsa serves) and 'imsa-other' (another local user),
-    created for this run with useradd and removed after it."""
+    """Two real unprivileged accounts made for this run with useradd and removed after it: the user imsa serves
+    ('imsa-owner-PID') and another local user ('imsa-other-PID'). The pid keeps runs on one machine apart."""
     if os.geteuid() != 0:
         pytest.skip("needs root to create local users")
+    names = [f"imsa-owner-{os.getpid()}", f"imsa-other-{os.getpid()}"]
     created = []
-    for name in ("imsa-owner", "imsa-other"):
-        if subprocess.run(["id", "-u", name], capture_output=True).returncode != 0:
+    try:
+        for name in names:
             subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
                             "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
             created.append(name)
-    yield LocalUser("imsa-owner"), LocalUser("imsa-other")
-    for name in created:
-        subprocess.run(["userdel", name], capture_output=True)
+        yield LocalUser(names[0]), LocalUser(names[1])
+    finally:
+        for name in created:
+            subprocess.run(["userdel", name], capture_output=True)

@@ -172,7 +172,6 @@ def sudo_start_traced():
     """A real `sudo imsa start` by an unprivileged user (a sudoers rule for it, a preserved HOME, IMSA_* and XDG_*),
     traced with strace -f: every file syscall imsa makes while it is root, with the path it names."""
     import pwd
-    import re
     import tempfile
     import time
 
@@ -310,6 +309,22 @@ def _owner_controls(path, owner_uid):
         current = parent
 
 
+def _write_profile(sts, name, session_name):
+    """$IMSA_CONFIG with alice's keys and MFA device as 'base', and profile *name* for role-NAME on top of it."""
+    import yaml
+
+    from conftest import MFA_SERIAL
+
+    alice = sts.users["alice"]
+    with open(os.environ["IMSA_CONFIG"], "w") as handle:
+        yaml.safe_dump({
+            "base": {"aws_access_key_id": alice["aws_access_key_id"],
+                     "aws_secret_access_key": alice["aws_secret_access_key"], "mfa_serial_number": MFA_SERIAL},
+            name: {"extends": "base", "role_arn": sts.roles[f"role-{name}"], "role_session_name": session_name},
+        }, handle)
+    os.chmod(os.environ["IMSA_CONFIG"], 0o600)
+
+
 CONTAINER_CLIENT = r"""
 import json, socket, sys
 sys.path.insert(0, sys.argv[1])
@@ -393,9 +408,7 @@ def container():
     filter would let through: the host's kernel drops those martian sources, and no SYN-ACK could reach it."""
     import tempfile
 
-    import yaml
-
-    from conftest import MFA_CODE, MFA_SERIAL, run_imsa, start_service, start_sts, stop_process
+    from conftest import MFA_CODE, run_imsa, start_service, start_sts, stop_process
     from imdsv2 import service_credentials
 
     host_side, container_side = "10.200.0.1", "10.200.0.2"
@@ -419,14 +432,7 @@ def container():
         inside("ip", "link", "set", "imsa-veth1", "up")
         inside("ip", "route", "add", "default", "via", host_side)
 
-        alice = sts.users["alice"]
-        with open(os.environ["IMSA_CONFIG"], "w") as handle:
-            yaml.safe_dump({
-                "base": {"aws_access_key_id": alice["aws_access_key_id"],
-                         "aws_secret_access_key": alice["aws_secret_access_key"], "mfa_serial_number": MFA_SERIAL},
-                "a": {"extends": "base", "role_arn": sts.roles["role-a"], "role_session_name": "host-a"},
-            }, handle)
-        os.chmod(os.environ["IMSA_CONFIG"], 0o600)
+        _write_profile(sts, "a", "host-a")
         env = dict(os.environ, AWS_ENDPOINT_URL_STS=sts.endpoint)
         service = start_service(["--listen", f"{IMDS_IP}:80"], env=env)
         assumed = run_imsa("assume", "a", "--mfa-token", MFA_CODE, env=env)
@@ -474,22 +480,13 @@ EXEC_CHILD = (
 def exec_peer_filter():
     """An `imsa exec` command's endpoint (on 127.0.0.1) refuses a client whose source is another local address, even
     one that has the command's token; the same request from 127.0.0.1 is served."""
-    import yaml
-
-    from conftest import MFA_CODE, MFA_SERIAL, http, run_imsa, start_service, start_sts, stop_process
+    from conftest import MFA_CODE, http, run_imsa, start_service, start_sts, stop_process
 
     setup_lo(OUTSIDER_IP)
     sts = start_sts()
     service = running = None
     try:
-        alice = sts.users["alice"]
-        with open(os.environ["IMSA_CONFIG"], "w") as handle:
-            yaml.safe_dump({
-                "base": {"aws_access_key_id": alice["aws_access_key_id"],
-                         "aws_secret_access_key": alice["aws_secret_access_key"], "mfa_serial_number": MFA_SERIAL},
-                "b": {"extends": "base", "role_arn": sts.roles["role-b"], "role_session_name": "exec-b"},
-            }, handle)
-        os.chmod(os.environ["IMSA_CONFIG"], 0o600)
+        _write_profile(sts, "b", "exec-b")
         env = dict(os.environ, AWS_ENDPOINT_URL_STS=sts.endpoint)
         service = start_service(env=env)
         assumed = run_imsa("assume", "b", "--mfa-token", MFA_CODE, env=env)

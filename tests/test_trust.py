@@ -7,7 +7,6 @@ and real sockets; they need root to make those accounts, and skip with that reas
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import time
 import pytest
 import yaml
 
-from conftest import MFA_CODE, MFA_SERIAL, shared_tmpdir
+from conftest import MFA_CODE, MFA_SERIAL
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: it plays other local users with real accounts")
 
@@ -87,7 +86,7 @@ def owner(local_users, sts_server):
 
 @pytest.fixture
 def other(local_users):
-    """imsa-other: another local user of the machine."""
+    """Another local user of the machine."""
     return local_users[1]
 
 
@@ -137,7 +136,7 @@ def test_a_socket_another_user_planted_in_the_default_path_gets_no_session_and_i
         for argv in (["assume", "a", "--mfa-token", MFA_CODE], ["export", "a", "--mfa-token", MFA_CODE],
                      ["credential-process", "a"], ["status"]):
             done = user.run([IMSA, *argv], env)
-            _one_error(done, 5, "refusing", run_dir, "imsa-other")
+            _one_error(done, 5, "refusing", run_dir, other.name)
         assert _received(record) == b""
     finally:
         _stop(squatter)
@@ -194,7 +193,7 @@ def test_a_run_directory_another_user_made_is_refused_and_left_as_it_is(owner, o
     run_dir = f"/tmp/imsa-{user.uid}"
     other.run(["mkdir", "-m", "0777", run_dir], env={"PATH": "/usr/bin:/bin"})
     done = _sudo_start(user, env)
-    _one_error(done, 1, "failed to start", run_dir, "imsa-other")
+    _one_error(done, 1, "failed to start", run_dir, other.name)
     info = os.lstat(run_dir)
     assert info.st_uid == other.uid and stat.S_IMODE(info.st_mode) == 0o777
     assert os.listdir(run_dir) == []
