@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from imsa import __version__
+from imsa import __version__, sudo
 from imsa.errors import EXIT_ERROR, EXIT_INTERRUPTED, ImsaError
 from imsa.logs import mute_wire_loggers
 
@@ -150,6 +150,8 @@ def main(argv=None):
     # Even with --debug: botocore's DEBUG lines print STS's raw answers, i.e. the MFA session's secret and token.
     mute_wire_loggers()
     try:
+        if args.command not in sudo.ROOT_COMMANDS:
+            sudo.become_invoking_user()  # `sudo imsa stop`: the invoking user's service, with that user's rights
         return run(args)
     except ImsaError as error:
         if args.debug:

@@ -34,6 +34,8 @@ _SCRUB = (
     "AWS_ENDPOINT_URL_STS", "AWS_EC2_METADATA_SERVICE_ENDPOINT", "AWS_EC2_METADATA_DISABLED", "AWS_REGION",
     "AWS_DEFAULT_REGION", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy",
     "NO_PROXY", "no_proxy", "IMSA_CONFIG", "IMSA_CONTROL_SOCKET", "IMSA_SERVICE_USER", "XDG_RUNTIME_DIR", "IMSA_SIGNIN_URL",
+    # A suite started with sudo: the CLI, run as root, would become that user (imsa/sudo.py).
+    "SUDO_UID", "SUDO_GID", "SUDO_USER", "SUDO_COMMAND",
     # A suite started by a systemd unit: the service's log format would follow the journal's.
     "JOURNAL_STREAM",
 )

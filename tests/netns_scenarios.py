@@ -310,6 +310,119 @@ def _owner_controls(path, owner_uid):
         current = parent
 
 
+# --- private mounts: scenarios run under `unshare -m -n` change files for themselves only ---
+
+
+def _require_private_mounts():
+    """Refuse to go on unless this process has a mount namespace its parent (the test) does not share: `unshare -m`.
+    Then the tmpfs mounted over /opt, /usr/local/bin or /etc/sudoers.d below hides the machine's directories from
+    this namespace alone, and vanishes with it."""
+    if os.readlink("/proc/self/ns/mnt") == os.readlink(f"/proc/{os.getppid()}/ns/mnt"):
+        raise RuntimeError("run this scenario under `unshare -m -n`: it mounts over system directories")
+
+
+def private_dirs(*places):
+    """An empty tmpfs over each (path, mode) of *places*, in this mount namespace only."""
+    _require_private_mounts()
+    for path, mode in places:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"mode={mode}", "tmpfs", path], check=True, capture_output=True)
+
+
+def private_sudoers(rule):
+    """The machine's /etc/sudoers.d as it is, plus the file imsa-test with *rule*, in this mount namespace only."""
+    directory = "/etc/sudoers.d"
+    kept = {}
+    for name in os.listdir(directory):
+        with open(os.path.join(directory, name), "rb") as handle:
+            kept[name] = handle.read()
+    private_dirs((directory, "0755"))
+    for name, data in dict(kept, **{"imsa-test": rule.encode()}).items():
+        path = os.path.join(directory, name)
+        with open(path, "wb") as handle:
+            handle.write(data)
+        os.chmod(path, 0o440)
+    check = subprocess.run(["visudo", "-c"], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"the test's sudoers rule is refused: {check.stdout} {check.stderr}")
+
+
+def _as(owner, argv, env, cwd="/", timeout=180):
+    """*argv* run as *owner* (its own groups), as a person at a shell would: [exit status, stdout, stderr]."""
+    done = subprocess.run(["setpriv", f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}", "--init-groups", *argv],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL)
+    return [done.returncode, done.stdout, done.stderr]
+
+
+def _make_home(owner, path, profiles, aws_config=""):
+    """A home of *owner*'s at *path* (0700) with ~/.imsa (*profiles*, 0600) and ~/.aws/config (*aws_config*)."""
+    import yaml
+
+    os.makedirs(os.path.join(path, ".aws"))
+    with open(os.path.join(path, ".imsa"), "w") as handle:
+        yaml.safe_dump(profiles, handle)
+    os.chmod(os.path.join(path, ".imsa"), 0o600)
+    with open(os.path.join(path, ".aws", "config"), "w") as handle:
+        handle.write(aws_config)
+    for root, dirs, files in os.walk(path):
+        for name in [root] + [os.path.join(root, entry) for entry in dirs + files]:
+            os.lchown(name, owner.pw_uid, owner.pw_gid)
+    os.chmod(path, 0o700)
+    return path
+
+
+def sudo_acts_as_the_invoking_user():
+    """`sudo imsa status|assume|exec|stop` by an unprivileged user (IMSA_TEST_OWNER) with a real sudoers rule: each
+    gives root up at once and acts on that user's own service (on 127.0.0.1), with that user's rights."""
+    import pwd
+    import time
+
+    from conftest import MFA_CODE, MFA_SERIAL, start_sts
+
+    owner = pwd.getpwnam(os.environ["IMSA_TEST_OWNER"])
+    imsa = os.path.join(os.path.dirname(sys.executable), "imsa")
+    private_dirs(("/tmp", "1777"))
+    # env_keep for the two variables this test points elsewhere; everything else as sudo's defaults have it.
+    private_sudoers(f'Defaults:{owner.pw_name} env_keep += "IMSA_CONFIG AWS_ENDPOINT_URL_STS"\n'
+                    f"{owner.pw_name} ALL=(root) NOPASSWD: {imsa}\n")
+    setup_lo()
+    sts = start_sts()
+    try:
+        alice = sts.users["alice"]
+        profiles = {"a": {"aws_access_key_id": alice["aws_access_key_id"],
+                          "aws_secret_access_key": alice["aws_secret_access_key"], "mfa_serial_number": MFA_SERIAL,
+                          "role_arn": sts.roles["role-a"], "role_session_name": "sudo-a"}}
+        home = _make_home(owner, "/tmp/home", profiles)
+        # The same file, root's alone: root could read it, the user cannot.
+        os.mkdir("/tmp/root-only", 0o700)
+        with open("/tmp/root-only/.imsa", "w") as handle, open(os.path.join(home, ".imsa")) as source:
+            handle.write(source.read())
+        os.chmod("/tmp/root-only/.imsa", 0o600)
+        env = {"PATH": "/usr/bin:/bin", "HOME": home, "IMSA_CONFIG": os.path.join(home, ".imsa"),
+               "AWS_ENDPOINT_URL_STS": sts.endpoint, "LANG": "C.UTF-8"}
+        result = {"start": _as(owner, [imsa, "start", "--listen", "127.0.0.1:0"], env)}
+        if result["start"][0] != 0:
+            return result
+        pid = json.loads(_as(owner, [imsa, "status", "--json"], env)[1])["pid"]
+        result["pid"] = pid
+        sudo = ["sudo", "-n", imsa]
+        result["status"] = _as(owner, sudo + ["status"], env)
+        result["assume"] = _as(owner, sudo + ["assume", "a", "--mfa-token", MFA_CODE], env)
+        result["status_after"] = _as(owner, [imsa, "status"], env)
+        result["exec"] = _as(owner, sudo + ["exec", "a", "--", "sh", "-c", 'id; echo "$HOME $USER $LOGNAME"'], env)
+        result["root_only"] = _as(owner, sudo + ["assume", "a"], dict(env, IMSA_CONFIG="/tmp/root-only/.imsa"))
+        result["stop"] = _as(owner, sudo + ["stop"], env)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result["service_gone"] = not os.path.exists(f"/proc/{pid}")
+        return result
+    finally:
+        subprocess.run(["setpriv", f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}", "--init-groups", imsa,
+                        "stop"], capture_output=True, env={"PATH": "/usr/bin:/bin", "IMSA_CONFIG": "/dev/null"},
+                       stdin=subprocess.DEVNULL, timeout=60)
+        sts.stop()
+
+
 CONTAINER_CLIENT = r"""
 import json, socket, sys
 sys.path.insert(0, sys.argv[1])
