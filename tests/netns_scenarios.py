@@ -346,6 +346,25 @@ def private_sudoers(rule):
         raise RuntimeError(f"the test's sudoers rule is refused: {check.stdout} {check.stderr}")
 
 
+def _readme_blocks(section):
+    """The code blocks of the README section *section* (a "## " heading): [(language, [lines])], in order."""
+    with open(os.path.join(os.path.dirname(HERE), "README.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks, current = [], None
+    for line in body.splitlines():
+        fence = line.strip()
+        if fence.startswith("```"):
+            if current is None:
+                current = (fence[3:], [])
+            else:
+                blocks.append(current)
+                current = None
+        elif current is not None and fence:
+            current[1].append(fence)
+    return blocks
+
+
 def _as(owner, argv, env, cwd="/", timeout=180):
     """*argv* run as *owner* (its own groups), as a person at a shell would: [exit status, stdout, stderr]."""
     done = subprocess.run(["setpriv", f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}", "--init-groups", *argv],
@@ -368,6 +387,145 @@ def _make_home(owner, path, profiles, aws_config=""):
             os.lchown(name, owner.pw_uid, owner.pw_gid)
     os.chmod(path, 0o700)
     return path
+
+
+# A stand-in for systemctl: there is no systemd in the namespace; imsa install-service's calls are recorded.
+FAKE_SYSTEMCTL = "#!/bin/sh\necho \"$*\" >> /tmp/systemctl.calls\n"
+
+
+def readme_install():
+    """The README's "Install", as a person follows it: the install, then `sudo imsa start`, `imsa assume`, `aws sts
+    get-caller-identity` with no endpoint variable, then `sudo imsa install-service` (systemd is not running here: a
+    stand-in systemctl records what it is asked). Every line is run as a real unprivileged user (IMSA_TEST_OWNER)
+    with a real sudoers rule: the README's env_keep line and NOPASSWD for all, as an administrator has it.
+
+    /opt, /usr/local/bin, /usr/local/sbin, /etc/systemd/system, /etc/sudoers.d and /tmp are tmpfs of this mount
+    namespace: the machine's stay as they are. pip reaches no index: a pip.conf in the new environment points it at
+    wheels made from this interpreter's packages (tests/wheelhouse.py), which is the only step the README lacks.
+    """
+    import pwd
+    import shutil
+    import time
+
+    import wheelhouse
+    from conftest import MFA_CODE, MFA_SERIAL, start_sts
+
+    owner = pwd.getpwnam(os.environ["IMSA_TEST_OWNER"])
+    repo = os.path.dirname(HERE)
+    blocks = _readme_blocks("Install")
+    shell_blocks = [lines for language, lines in blocks if language == "sh"]
+    install, by_hand, at_boot = shell_blocks[:3]
+    sudoers = next(lines for language, lines in blocks if language == "")
+    private_dirs(("/tmp", "1777"), ("/opt", "0755"), ("/usr/local/bin", "0755"), ("/usr/local/sbin", "0755"),
+                 ("/etc/systemd/system", "0755"))
+    # Debian's and Ubuntu's own secure_path, stated here so that the test does not depend on this machine's.
+    private_sudoers('Defaults secure_path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"\n'
+                    + "\n".join(sudoers) + f"\n{owner.pw_name} ALL=(ALL:ALL) NOPASSWD: ALL\n")
+    with open("/usr/local/sbin/systemctl", "w") as handle:
+        handle.write(FAKE_SYSTEMCTL)
+    os.chmod("/usr/local/sbin/systemctl", 0o755)
+    setup_lo()
+    result = {"readme": {"install": install, "by_hand": by_hand, "at_boot": at_boot, "sudoers": sudoers}}
+    wheels = "/tmp/wheels"
+    wheelhouse.build(wheels)
+    # A clone of this repository, the user's own: its files without .git, .venv and what builds leave.
+    clone = "/tmp/clone"
+    shutil.copytree(repo, clone, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+    subprocess.run(["chown", "-R", f"{owner.pw_uid}:{owner.pw_gid}", clone], check=True)
+    aws_bin = "/tmp/aws-cli"  # the AWS CLI of this suite's environment, and nothing else of it
+    os.mkdir(aws_bin, 0o755)
+    os.symlink(os.path.join(os.path.dirname(sys.executable), "aws"), os.path.join(aws_bin, "aws"))
+    sts = start_sts()
+    try:
+        alice = sts.users["alice"]
+        home = _make_home(owner, "/tmp/home", {"my-profile": {
+            "aws_access_key_id": alice["aws_access_key_id"], "aws_secret_access_key": alice["aws_secret_access_key"],
+            "mfa_serial_number": MFA_SERIAL, "role_arn": sts.roles["role-a"], "role_session_name": "readme",
+            "mfa_process": f"echo {MFA_CODE}",
+        }}, aws_config="[default]\nregion = us-east-1\n")
+        env = {"PATH": f"/usr/local/bin:/usr/bin:/bin:{aws_bin}", "HOME": home, "USER": owner.pw_name,
+               "LOGNAME": owner.pw_name, "LANG": "C.UTF-8", "AWS_ENDPOINT_URL_STS": sts.endpoint}
+        import shlex
+
+        result["install"] = []
+        for line in install:
+            step = _as(owner, shlex.split(line, comments=True), env, cwd=clone)
+            result["install"].append([line] + step)
+            if step[0] != 0:
+                return result
+            if " -m venv " in line:
+                venv = shlex.split(line, comments=True)[-1]
+                with open(os.path.join(venv, "pip.conf"), "w") as handle:
+                    handle.write(f"[global]\nno-index = true\nfind-links = {wheels}\nno-cache-dir = true\n"
+                                 "disable-pip-version-check = true\n")
+        imported = subprocess.run(["/opt/imsa/bin/python", "-I", "-c", "import imsa; print(imsa.__file__)"],
+                                  capture_output=True, text=True, cwd="/")
+        site = os.path.dirname(os.path.dirname(imported.stdout.strip()))
+        result["imsa_file"] = imported.stdout.strip()
+        result["editable_files"] = [name for name in os.listdir(site) if "editable" in name]
+        with open(next(os.path.join(site, name, "direct_url.json") for name in os.listdir(site)
+                       if name.startswith("imsa-") and name.endswith(".dist-info"))) as handle:
+            result["direct_url"] = json.load(handle)
+        result["not_roots"] = [path for path in _walk("/opt/imsa") if _not_roots(path)]
+        result["packaged_units"] = {}
+        for name in ("imsa.service", "imsa.socket"):
+            with open(os.path.join("/opt/imsa/share/imsa", name), "rb") as packaged, \
+                    open(os.path.join(repo, name), "rb") as source:
+                result["packaged_units"][name] = packaged.read() == source.read()
+
+        result["by_hand"] = []
+        for line in by_hand:
+            step = _as(owner, shlex.split(line, comments=True), env)
+            result["by_hand"].append([line] + step)
+            if step[0] != 0:
+                return result
+        status = _as(owner, ["imsa", "status", "--json"], env)
+        pid = json.loads(status[1])["pid"]
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            result["service_argv"] = handle.read().decode().split("\0")[:-1]
+        result["service_uids"] = [int(x) for x in _ids(pid)["Uid"]]
+        result["listen"] = json.loads(status[1])["listen"]
+        result["sudo_status"] = _as(owner, ["sudo", "imsa", "status"], env)
+        result["stop"] = _as(owner, ["imsa", "stop"], env)
+        deadline = time.monotonic() + 10
+        while IMDS_IP in _lo_addresses() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result["alias_after"] = IMDS_IP in _lo_addresses()
+
+        result["at_boot"] = _as(owner, shlex.split(at_boot[0], comments=True), env)
+        result["units"] = {}
+        for name in ("imsa.service", "imsa.socket", "imsa.service.d/user.conf"):
+            path = os.path.join("/etc/systemd/system", name)
+            if os.path.exists(path):
+                with open(path) as handle:
+                    result["units"][name] = handle.read()
+        try:
+            with open("/tmp/systemctl.calls") as handle:
+                result["systemctl"] = handle.read().splitlines()
+        except FileNotFoundError:
+            result["systemctl"] = []
+        verify = subprocess.run(["systemd-analyze", "verify", "/etc/systemd/system/imsa.socket",
+                                 "/etc/systemd/system/imsa.service"], capture_output=True, text=True, timeout=60)
+        result["verify"] = [verify.returncode, verify.stderr]
+        return result
+    finally:
+        subprocess.run(["setpriv", f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}", "--init-groups",
+                        "/opt/imsa/bin/imsa", "stop"], capture_output=True, env={"PATH": "/usr/bin:/bin"},
+                       stdin=subprocess.DEVNULL, timeout=60)
+        sts.stop()
+
+
+def _walk(top):
+    for root, dirs, files in os.walk(top):
+        yield root
+        for name in files:
+            yield os.path.join(root, name)
+
+
+def _not_roots(path):
+    info = os.lstat(path)
+    return info.st_uid != 0 or (info.st_mode & 0o022 and not os.path.islink(path))
 
 
 def sudo_acts_as_the_invoking_user():
