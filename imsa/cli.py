@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from imsa import __version__
+from imsa import __version__, sudo
 from imsa.errors import EXIT_ERROR, EXIT_INTERRUPTED, ImsaError
 from imsa.logs import mute_wire_loggers
 
@@ -74,6 +74,11 @@ def build_parser():
     console.add_argument("--duration", type=int, metavar="S", help="console session length in seconds, 900-43200")
     console.add_argument("--destination", metavar="URL", help="the console page to land on")
     console.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
+
+    install = commands.add_parser("install-service", help="install and enable the systemd units for USER (as root)")
+    install.add_argument("user", nargs="?", metavar="USER", help="the user the service serves (default: SUDO_USER)")
+    install.add_argument("--unit-dir", metavar="DIR", help="write the units to DIR instead, and enable nothing")
+    install.add_argument("--no-enable", action="store_true", help="write the units only: no daemon-reload, no enable")
     return parser
 
 
@@ -129,6 +134,10 @@ def run(args):
         from imsa import commands_console
 
         return commands_console.console(args.profile, args.print_url, args.duration, args.destination, args.mfa_token)
+    if args.command == "install-service":
+        from imsa import commands_install
+
+        return commands_install.install_service(args.user, args.unit_dir, enable=not args.no_enable)
     raise AssertionError(args.command)
 
 
@@ -150,6 +159,8 @@ def main(argv=None):
     # Even with --debug: botocore's DEBUG lines print STS's raw answers, i.e. the MFA session's secret and token.
     mute_wire_loggers()
     try:
+        if args.command not in sudo.ROOT_COMMANDS:
+            sudo.become_invoking_user()  # `sudo imsa stop`: the invoking user's service, with that user's rights
         return run(args)
     except ImsaError as error:
         if args.debug:

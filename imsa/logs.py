@@ -3,7 +3,9 @@ fill the disk or forge a line.
 
 - ``configure(level, path=None)``: a timestamp on every line; with *path*, a file rotated at LOG_MAX_BYTES with
   LOG_BACKUPS older files beside it (``imsa.log.1`` …, so at most 4 MiB in all), mode 0600, opened without
-  following a symlink; without, stderr (the journal under systemd).
+  following a symlink; without, stderr. When stderr is the journal (systemd), no file at all, and lines carry
+  neither time nor pid (the journal records both) but a syslog priority prefix the journal turns into the entry's
+  priority.
 - ``RefusalLimiter``: one line per peer per REFUSAL_INTERVAL; the refusals after it are only counted, and one
   line says how many when the interval ends.
 - ``shown(value)``: a client's text (a path, a method) as ``repr()`` shows it, cut to SHOWN_CHARS: a ``%0a`` in a
@@ -22,6 +24,11 @@ import threading
 import time
 
 LOG_FORMAT = "%(asctime)s imsa[%(process)d] %(levelname)s %(name)s: %(message)s"
+# For the journal: it stamps each entry with the time and the pid itself, and reads "<N>" as its priority.
+JOURNAL_FORMAT = "<%(priority)d>%(levelname)s %(name)s: %(message)s"
+# syslog(3) priorities of Python's levels; a level in between takes the next more severe one.
+SYSLOG_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+SYSLOG_DEBUG = 7
 # ISO 8601 with the UTC offset: lines from before and after a change of time zone or DST still sort and compare.
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 # The log file is rotated at 1 MiB and 3 older files are kept: 4 MiB at most, whatever clients send.
@@ -63,8 +70,12 @@ def configure(level=logging.INFO, path=None):
     # CLI imports this module and would pay ~6 ms for it.
     import logging.handlers  # noqa: F401
 
-    handler = _rotating_handler(path) if path else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
+    if path:
+        handler = _rotating_handler(path)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JournalFormatter() if stderr_is_journal() else logging.Formatter(LOG_FORMAT, DATE_FORMAT))
     root = logging.getLogger()
     previous, root.handlers[:] = root.handlers[:], [handler]
     for old in previous:
@@ -73,6 +84,34 @@ def configure(level=logging.INFO, path=None):
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     return handler
+
+
+def stderr_is_journal():
+    """True when stderr is the journal stream systemd connected: JOURNAL_STREAM names its device and inode.
+
+    Comparing them, as systemd.exec(5) advises, keeps a terminal or a pipe that merely inherited the variable (a
+    shell started from a service) on the timestamped format.
+    """
+    device, sep, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not sep or not device.isdigit() or not inode.isdigit():
+        return False
+    try:
+        info = os.fstat(sys.stderr.fileno())
+    except (AttributeError, ValueError, OSError):  # stderr closed or replaced by an object without a descriptor
+        return False
+    return (info.st_dev, info.st_ino) == (int(device), int(inode))
+
+
+class JournalFormatter(logging.Formatter):
+    """JOURNAL_FORMAT: the record's syslog priority first, no time and no pid (the journal has both)."""
+
+    def __init__(self):
+        super().__init__(JOURNAL_FORMAT)
+
+    def format(self, record):
+        record.priority = next((priority for level, priority in SYSLOG_PRIORITIES if record.levelno >= level),
+                               SYSLOG_DEBUG)
+        return super().format(record)
 
 
 def _rotating_handler(path):

@@ -363,21 +363,26 @@ def _writable_by_others(path):
     return None
 
 
-def writable_code_warnings():
-    """Why the code ``sudo imsa start`` runs as root could be someone else's: the interpreter, imsa itself and every
-    import directory must be root's alone (README, "Install")."""
+def writable_code():
+    """Why the code this process runs could be someone else's than root's: for the interpreter, imsa itself and every
+    import directory, the first place on its path another user can change (README, "Install")."""
     import imsa
 
     places = [sys.executable, os.path.dirname(os.path.abspath(imsa.__file__))]
     places += [entry for entry in sys.path if entry and os.path.isdir(entry)]
-    warnings, seen = [], set()
+    reasons = []
     for place in places:
         reason = _writable_by_others(place)
-        if reason and reason not in seen:
-            seen.add(reason)
-            warnings.append(f"imsa runs as root from code another user can change ({reason}); install it root-owned "
-                            f"(README, \"Install\")")
-    return warnings
+        if reason and reason not in reasons:
+            reasons.append(reason)
+    return reasons
+
+
+def writable_code_warnings():
+    """Why the code ``sudo imsa start`` runs as root could be someone else's: the interpreter, imsa itself and every
+    import directory must be root's alone (README, "Install")."""
+    return [f"imsa runs as root from code another user can change ({reason}); install it root-owned "
+            f"(README, \"Install\")" for reason in writable_code()]
 
 
 def sanitize_root_environment():

@@ -40,6 +40,10 @@ _SCRUB = (
     "AWS_ENDPOINT_URL_STS", "AWS_EC2_METADATA_SERVICE_ENDPOINT", "AWS_EC2_METADATA_DISABLED", "AWS_REGION",
     "AWS_DEFAULT_REGION", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy",
     "NO_PROXY", "no_proxy", "IMSA_CONFIG", "IMSA_CONTROL_SOCKET", "IMSA_SERVICE_USER", "XDG_RUNTIME_DIR", "IMSA_SIGNIN_URL",
+    # A suite started with sudo: the CLI, run as root, would become that user (imsa/sudo.py).
+    "SUDO_UID", "SUDO_GID", "SUDO_USER", "SUDO_COMMAND",
+    # A suite started by a systemd unit: the service's log format would follow the journal's.
+    "JOURNAL_STREAM",
 )
 
 
@@ -473,6 +477,11 @@ def one_error_line(done, code):
     assert len(lines) == 1 and lines[0].startswith("imsa: error: "), done.stderr
     assert "Traceback" not in done.stderr
     return lines[0]
+
+
+def needs_root(reason="needs root: it runs processes as other users"):
+    """Skip unless root (CI runs as root, so these run there; under CI such a skip fails the run)."""
+    return pytest.mark.skipif(os.geteuid() != 0, reason=reason)
 
 
 class LocalUser:

@@ -325,6 +325,277 @@ def _write_profile(sts, name, session_name):
     os.chmod(os.environ["IMSA_CONFIG"], 0o600)
 
 
+# --- private mounts: scenarios run under `unshare -m -n` change files for themselves only ---
+
+
+def _require_private_mounts():
+    """Refuse to go on unless this process has a mount namespace its parent (the test) does not share: `unshare -m`.
+    Then the tmpfs mounted over /opt, /usr/local/bin or /etc/sudoers.d below hides the machine's directories from
+    this namespace alone, and vanishes with it."""
+    if os.readlink("/proc/self/ns/mnt") == os.readlink(f"/proc/{os.getppid()}/ns/mnt"):
+        raise RuntimeError("run this scenario under `unshare -m -n`: it mounts over system directories")
+
+
+def private_dirs(*places):
+    """An empty tmpfs over each (path, mode) of *places*, in this mount namespace only."""
+    _require_private_mounts()
+    for path, mode in places:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"mode={mode}", "tmpfs", path], check=True, capture_output=True)
+
+
+def private_sudoers(rule):
+    """The machine's /etc/sudoers.d as it is, plus the file imsa-test with *rule*, in this mount namespace only."""
+    directory = "/etc/sudoers.d"
+    kept = {}
+    for name in os.listdir(directory):
+        with open(os.path.join(directory, name), "rb") as handle:
+            kept[name] = handle.read()
+    private_dirs((directory, "0755"))
+    for name, data in dict(kept, **{"imsa-test": rule.encode()}).items():
+        path = os.path.join(directory, name)
+        with open(path, "wb") as handle:
+            handle.write(data)
+        os.chmod(path, 0o440)
+    check = subprocess.run(["visudo", "-c"], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"the test's sudoers rule is refused: {check.stdout} {check.stderr}")
+
+
+def _readme_blocks(section):
+    """The code blocks of the README section *section* (a "## " heading): [(language, [lines])], in order."""
+    with open(os.path.join(os.path.dirname(HERE), "README.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks, current = [], None
+    for line in body.splitlines():
+        fence = line.strip()
+        if fence.startswith("```"):
+            if current is None:
+                current = (fence[3:], [])
+            else:
+                blocks.append(current)
+                current = None
+        elif current is not None and fence:
+            current[1].append(fence)
+    return blocks
+
+
+def _as(owner, argv, env, cwd="/", timeout=180):
+    """*argv* run as *owner* (its own groups), as a person at a shell would: [exit status, stdout, stderr]."""
+    done = subprocess.run(["setpriv", f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}", "--init-groups", *argv],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL)
+    return [done.returncode, done.stdout, done.stderr]
+
+
+def _make_home(owner, path, profiles, aws_config=""):
+    """A home of *owner*'s at *path* (0700) with ~/.imsa (*profiles*, 0600) and ~/.aws/config (*aws_config*)."""
+    import yaml
+
+    os.makedirs(os.path.join(path, ".aws"))
+    with open(os.path.join(path, ".imsa"), "w") as handle:
+        yaml.safe_dump(profiles, handle)
+    os.chmod(os.path.join(path, ".imsa"), 0o600)
+    with open(os.path.join(path, ".aws", "config"), "w") as handle:
+        handle.write(aws_config)
+    for root, dirs, files in os.walk(path):
+        for name in [root] + [os.path.join(root, entry) for entry in dirs + files]:
+            os.lchown(name, owner.pw_uid, owner.pw_gid)
+    os.chmod(path, 0o700)
+    return path
+
+
+# A stand-in for systemctl: there is no systemd in the namespace; imsa install-service's calls are recorded.
+FAKE_SYSTEMCTL = "#!/bin/sh\necho \"$*\" >> /tmp/systemctl.calls\n"
+
+
+def readme_install():
+    """The README's "Install", as a person follows it: the install, then `sudo imsa start`, `imsa assume`, `aws sts
+    get-caller-identity` with no endpoint variable, then `sudo imsa install-service` (systemd is not running here: a
+    stand-in systemctl records what it is asked). Every line is run as a real unprivileged user (IMSA_TEST_OWNER)
+    with a real sudoers rule: the README's env_keep line and NOPASSWD for all, as an administrator has it.
+
+    /opt, /usr/local/bin, /usr/local/sbin, /etc/systemd/system, /etc/sudoers.d and /tmp are tmpfs of this mount
+    namespace: the machine's stay as they are. pip reaches no index: a pip.conf in the new environment points it at
+    wheels made from this interpreter's packages (tests/wheelhouse.py), which is the only step the README lacks.
+    """
+    import pwd
+    import shutil
+    import time
+
+    import wheelhouse
+    from conftest import MFA_CODE, MFA_SERIAL, start_sts
+
+    owner = pwd.getpwnam(os.environ["IMSA_TEST_OWNER"])
+    repo = os.path.dirname(HERE)
+    blocks = _readme_blocks("Install")
+    shell_blocks = [lines for language, lines in blocks if language == "sh"]
+    install, by_hand, at_boot = shell_blocks[:3]
+    sudoers = next(lines for language, lines in blocks if language == "")
+    private_dirs(("/tmp", "1777"), ("/opt", "0755"), ("/usr/local/bin", "0755"), ("/usr/local/sbin", "0755"),
+                 ("/etc/systemd/system", "0755"))
+    # Debian's and Ubuntu's own secure_path, stated here so that the test does not depend on this machine's.
+    private_sudoers('Defaults secure_path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"\n'
+                    + "\n".join(sudoers) + f"\n{owner.pw_name} ALL=(ALL:ALL) NOPASSWD: ALL\n")
+    with open("/usr/local/sbin/systemctl", "w") as handle:
+        handle.write(FAKE_SYSTEMCTL)
+    os.chmod("/usr/local/sbin/systemctl", 0o755)
+    setup_lo()
+    result = {"readme": {"install": install, "by_hand": by_hand, "at_boot": at_boot, "sudoers": sudoers}}
+    wheels = "/tmp/wheels"
+    wheelhouse.build(wheels)
+    # A clone of this repository, the user's own: its files without .git, .venv and what builds leave.
+    clone = "/tmp/clone"
+    shutil.copytree(repo, clone, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+    subprocess.run(["chown", "-R", f"{owner.pw_uid}:{owner.pw_gid}", clone], check=True)
+    aws_bin = "/tmp/aws-cli"  # the AWS CLI of this suite's environment, and nothing else of it
+    os.mkdir(aws_bin, 0o755)
+    os.symlink(os.path.join(os.path.dirname(sys.executable), "aws"), os.path.join(aws_bin, "aws"))
+    sts = start_sts()
+    try:
+        alice = sts.users["alice"]
+        home = _make_home(owner, "/tmp/home", {"my-profile": {
+            "aws_access_key_id": alice["aws_access_key_id"], "aws_secret_access_key": alice["aws_secret_access_key"],
+            "mfa_serial_number": MFA_SERIAL, "role_arn": sts.roles["role-a"], "role_session_name": "readme",
+            "mfa_process": f"echo {MFA_CODE}",
+        }}, aws_config="[default]\nregion = us-east-1\n")
+        env = {"PATH": f"/usr/local/bin:/usr/bin:/bin:{aws_bin}", "HOME": home, "USER": owner.pw_name,
+               "LOGNAME": owner.pw_name, "LANG": "C.UTF-8", "AWS_ENDPOINT_URL_STS": sts.endpoint}
+        import shlex
+
+        result["install"] = []
+        for line in install:
+            step = _as(owner, shlex.split(line, comments=True), env, cwd=clone)
+            result["install"].append([line] + step)
+            if step[0] != 0:
+                return result
+            if " -m venv " in line:
+                venv = shlex.split(line, comments=True)[-1]
+                with open(os.path.join(venv, "pip.conf"), "w") as handle:
+                    handle.write(f"[global]\nno-index = true\nfind-links = {wheels}\nno-cache-dir = true\n"
+                                 "disable-pip-version-check = true\n")
+        imported = subprocess.run(["/opt/imsa/bin/python", "-I", "-c", "import imsa; print(imsa.__file__)"],
+                                  capture_output=True, text=True, cwd="/")
+        site = os.path.dirname(os.path.dirname(imported.stdout.strip()))
+        result["imsa_file"] = imported.stdout.strip()
+        result["editable_files"] = [name for name in os.listdir(site) if "editable" in name]
+        with open(next(os.path.join(site, name, "direct_url.json") for name in os.listdir(site)
+                       if name.startswith("imsa-") and name.endswith(".dist-info"))) as handle:
+            result["direct_url"] = json.load(handle)
+        result["not_roots"] = [path for path in _walk("/opt/imsa") if _not_roots(path)]
+        result["packaged_units"] = {}
+        for name in ("imsa.service", "imsa.socket"):
+            with open(os.path.join("/opt/imsa/share/imsa", name), "rb") as packaged, \
+                    open(os.path.join(repo, name), "rb") as source:
+                result["packaged_units"][name] = packaged.read() == source.read()
+
+        result["by_hand"] = []
+        for line in by_hand:
+            step = _as(owner, shlex.split(line, comments=True), env)
+            result["by_hand"].append([line] + step)
+            if step[0] != 0:
+                return result
+        status = _as(owner, ["imsa", "status", "--json"], env)
+        pid = json.loads(status[1])["pid"]
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            result["service_argv"] = handle.read().decode().split("\0")[:-1]
+        result["service_uids"] = [int(x) for x in _ids(pid)["Uid"]]
+        result["listen"] = json.loads(status[1])["listen"]
+        result["sudo_status"] = _as(owner, ["sudo", "imsa", "status"], env)
+        result["stop"] = _as(owner, ["imsa", "stop"], env)
+        deadline = time.monotonic() + 10
+        while IMDS_IP in _lo_addresses() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result["alias_after"] = IMDS_IP in _lo_addresses()
+
+        result["at_boot"] = _as(owner, shlex.split(at_boot[0], comments=True), env)
+        result["units"] = {}
+        for name in ("imsa.service", "imsa.socket", "imsa.service.d/user.conf"):
+            path = os.path.join("/etc/systemd/system", name)
+            if os.path.exists(path):
+                with open(path) as handle:
+                    result["units"][name] = handle.read()
+        try:
+            with open("/tmp/systemctl.calls") as handle:
+                result["systemctl"] = handle.read().splitlines()
+        except FileNotFoundError:
+            result["systemctl"] = []
+        verify = subprocess.run(["systemd-analyze", "verify", "/etc/systemd/system/imsa.socket",
+                                 "/etc/systemd/system/imsa.service"], capture_output=True, text=True, timeout=60)
+        result["verify"] = [verify.returncode, verify.stderr]
+        return result
+    finally:
+        subprocess.run(["setpriv", f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}", "--init-groups",
+                        "/opt/imsa/bin/imsa", "stop"], capture_output=True, env={"PATH": "/usr/bin:/bin"},
+                       stdin=subprocess.DEVNULL, timeout=60)
+        sts.stop()
+
+
+def _walk(top):
+    for root, dirs, files in os.walk(top):
+        yield root
+        for name in files:
+            yield os.path.join(root, name)
+
+
+def _not_roots(path):
+    info = os.lstat(path)
+    return info.st_uid != 0 or (info.st_mode & 0o022 and not os.path.islink(path))
+
+
+def sudo_acts_as_the_invoking_user():
+    """`sudo imsa status|assume|exec|stop` by an unprivileged user (IMSA_TEST_OWNER) with a real sudoers rule: each
+    gives root up at once and acts on that user's own service (on 127.0.0.1), with that user's rights."""
+    import pwd
+    import time
+
+    from conftest import MFA_CODE, MFA_SERIAL, start_sts
+
+    owner = pwd.getpwnam(os.environ["IMSA_TEST_OWNER"])
+    imsa = os.path.join(os.path.dirname(sys.executable), "imsa")
+    private_dirs(("/tmp", "1777"))
+    # env_keep for the two variables this test points elsewhere; everything else as sudo's defaults have it.
+    private_sudoers(f'Defaults:{owner.pw_name} env_keep += "IMSA_CONFIG AWS_ENDPOINT_URL_STS"\n'
+                    f"{owner.pw_name} ALL=(root) NOPASSWD: {imsa}\n")
+    setup_lo()
+    sts = start_sts()
+    try:
+        alice = sts.users["alice"]
+        profiles = {"a": {"aws_access_key_id": alice["aws_access_key_id"],
+                          "aws_secret_access_key": alice["aws_secret_access_key"], "mfa_serial_number": MFA_SERIAL,
+                          "role_arn": sts.roles["role-a"], "role_session_name": "sudo-a"}}
+        home = _make_home(owner, "/tmp/home", profiles)
+        # The same file, root's alone: root could read it, the user cannot.
+        os.mkdir("/tmp/root-only", 0o700)
+        with open("/tmp/root-only/.imsa", "w") as handle, open(os.path.join(home, ".imsa")) as source:
+            handle.write(source.read())
+        os.chmod("/tmp/root-only/.imsa", 0o600)
+        env = {"PATH": "/usr/bin:/bin", "HOME": home, "IMSA_CONFIG": os.path.join(home, ".imsa"),
+               "AWS_ENDPOINT_URL_STS": sts.endpoint, "LANG": "C.UTF-8"}
+        result = {"start": _as(owner, [imsa, "start", "--listen", "127.0.0.1:0"], env)}
+        if result["start"][0] != 0:
+            return result
+        pid = json.loads(_as(owner, [imsa, "status", "--json"], env)[1])["pid"]
+        result["pid"] = pid
+        sudo = ["sudo", "-n", imsa]
+        result["status"] = _as(owner, sudo + ["status"], env)
+        result["assume"] = _as(owner, sudo + ["assume", "a", "--mfa-token", MFA_CODE], env)
+        result["status_after"] = _as(owner, [imsa, "status"], env)
+        result["exec"] = _as(owner, sudo + ["exec", "a", "--", "sh", "-c", 'id; echo "$HOME $USER $LOGNAME"'], env)
+        result["root_only"] = _as(owner, sudo + ["assume", "a"], dict(env, IMSA_CONFIG="/tmp/root-only/.imsa"))
+        result["stop"] = _as(owner, sudo + ["stop"], env)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result["service_gone"] = not os.path.exists(f"/proc/{pid}")
+        return result
+    finally:
+        subprocess.run(["setpriv", f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}", "--init-groups", imsa,
+                        "stop"], capture_output=True, env={"PATH": "/usr/bin:/bin", "IMSA_CONFIG": "/dev/null"},
+                       stdin=subprocess.DEVNULL, timeout=60)
+        sts.stop()
+
+
 CONTAINER_CLIENT = r"""
 import json, socket, sys
 sys.path.insert(0, sys.argv[1])

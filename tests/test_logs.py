@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -98,6 +99,79 @@ def test_without_a_path_lines_go_to_stderr_with_a_timestamp_and_no_wire_log(root
     err = capsys.readouterr().err
     assert STAMP.match(err) and err.endswith(" DEBUG imsa.test: hello\n"), err
     assert "secret" not in err
+
+
+# --- under systemd: the journal only ---
+
+JOURNAL_LINE = re.compile(r"^<[2-7]>(DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
+
+
+def _journal_stream(path):
+    """What systemd puts in JOURNAL_STREAM for a stream: its device and inode."""
+    info = os.stat(path)
+    return f"{info.st_dev}:{info.st_ino}"
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "inherited-variable"])
+def test_when_stderr_is_the_journal_lines_carry_a_priority_and_no_time(tmp_path, root_logger, monkeypatch, journal):
+    stream = tmp_path / "stream"
+    other = tmp_path / "other"
+    other.write_text("")
+    with open(stream, "w") as handle:
+        monkeypatch.setattr(sys, "stderr", handle)
+        # A shell started by a service inherits JOURNAL_STREAM while its stderr is something else (a terminal).
+        monkeypatch.setenv("JOURNAL_STREAM", _journal_stream(stream if journal else other))
+        logs.configure(logging.DEBUG)
+        for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL):
+            logging.getLogger("imsa.test").log(level, "a %s line", logging.getLevelName(level))
+    lines = stream.read_text().splitlines()
+    if journal:
+        assert lines == ["<7>DEBUG imsa.test: a DEBUG line", "<6>INFO imsa.test: a INFO line",
+                         "<4>WARNING imsa.test: a WARNING line", "<3>ERROR imsa.test: a ERROR line",
+                         "<2>CRITICAL imsa.test: a CRITICAL line"]
+    else:
+        assert len(lines) == 5 and all(STAMP.match(line) for line in lines), lines
+
+
+def test_the_foreground_service_under_systemd_logs_to_the_journal_only(tmp_path):
+    # As systemd runs ExecStart: `imsa start --foreground` with stderr connected to the journal (here a file that
+    # JOURNAL_STREAM names, as systemd names its stream socket). Nothing may go to a file of the service's own.
+    from conftest import service_user_args, stop_process
+    from imsa.client import Client
+    from imsa.errors import ServiceNotRunning
+
+    stream = tmp_path / "journal"
+    run_dir = os.path.dirname(os.environ["IMSA_CONTROL_SOCKET"])
+    with open(stream, "w") as handle:
+        env = dict(os.environ, JOURNAL_STREAM=_journal_stream(stream))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "imsa", "start", "--foreground", "--listen", "127.0.0.1:0", *service_user_args()],
+            stdout=handle, stderr=handle, stdin=subprocess.DEVNULL, env=env, cwd="/",
+        )
+    try:
+        client = Client(timeout=2)
+        deadline = time.monotonic() + 15
+        while True:
+            assert process.poll() is None, stream.read_text()
+            try:
+                if client.status()["pid"] == process.pid:
+                    break
+            except ServiceNotRunning:
+                pass
+            assert time.monotonic() < deadline, stream.read_text()
+            time.sleep(0.05)
+        while "serving IMDS" not in stream.read_text():  # the line follows the socket's first answer closely
+            assert time.monotonic() < deadline + 10, stream.read_text()
+            time.sleep(0.05)
+        assert os.listdir(run_dir) == ["control.sock"]
+        assert os.listdir(os.path.dirname(run_dir)) == ["run"]
+    finally:
+        stop_process(process)
+    lines = stream.read_text().splitlines()
+    assert lines and all(JOURNAL_LINE.match(line) for line in lines), lines
+    assert any(line.startswith("<6>INFO imsa.service: serving IMDS on 127.0.0.1:") for line in lines), lines
+    assert lines[-1] == "<6>INFO imsa.service: stopping"
+    assert os.listdir(run_dir) == []
 
 
 # --- what a line shows of a client's text ---
