@@ -205,8 +205,12 @@ class Load:
                 "first_error": first_error, "cpu": cpu}
 
     def close(self):
-        """Stop the load processes."""
-        self.pool.terminate()
+        """Stop the load processes: each finishes (every task has returned by now) and exits.
+
+        Not Pool.terminate(): its worker handler can fork a replacement worker while it terminates, and that orphan
+        kept the caller's stdout open (tests/test_bench.py then waited for it until its time-out).
+        """
+        self.pool.close()
         self.pool.join()
 
 

@@ -337,10 +337,23 @@ def _require_private_mounts():
 
 
 def private_dirs(*places):
-    """An empty tmpfs over each (path, mode) of *places*, in this mount namespace only."""
+    """An empty tmpfs over each (path, mode) of *places*, in this mount namespace only.
+
+    The repository and its .venv stay visible where they are, even when they lie under one of the places (CI may run
+    from a copy under /tmp): each is bound back from a descriptor opened before the tmpfs hid it.
+    """
     _require_private_mounts()
+    keep = [os.path.dirname(HERE), os.path.realpath(sys.prefix)]
+    keep = [k for k in keep if not any(k.startswith(other + "/") for other in keep)]  # .venv is in the repository
     for path, mode in places:
+        hidden = [k for k in keep if k == path or k.startswith(path.rstrip("/") + "/")]
+        fds = [os.open(k, os.O_PATH | os.O_DIRECTORY) for k in hidden]
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"mode={mode}", "tmpfs", path], check=True, capture_output=True)
+        for k, fd in zip(hidden, fds):
+            os.makedirs(k, exist_ok=True)
+            subprocess.run(["mount", "--no-canonicalize", "--bind", f"/proc/self/fd/{fd}", k], check=True, capture_output=True,
+                           pass_fds=(fd,))
+            os.close(fd)
 
 
 def private_sudoers(rule):
