@@ -11,7 +11,7 @@ import sys
 import boto3
 import pytest
 
-from conftest import MFA_CODE, one_error_line, run_imsa, write_config
+from conftest import MFA_CODE, one_error_line, read_terminal, run_imsa, with_terminal, write_config
 from imsa import cli, commands
 from imsa.config import Profile
 from imsa.credentials import Credentials
@@ -249,3 +249,53 @@ def test_mfa_token_dash_with_no_code_on_stdin_exits_4_with_one_line(isolated_env
     write_config(isolated_env, sts_env)
     done = run_imsa("assume", "a", "--mfa-token", "-", input="")
     assert "stdin is not a 6-digit MFA code" in one_error_line(done, 4)
+
+
+# --- messages a person meets ---
+
+
+@pytest.mark.parametrize("key, name", [(b"\x03", "Ctrl-C"), (b"\x04", "Ctrl-D")])
+def test_ctrl_c_and_ctrl_d_at_the_mfa_prompt_end_the_prompt_line_first(isolated_env, service, sts_env, key, name):
+    write_config(isolated_env, sts_env)
+    process, master = with_terminal(["assume", "a"])
+    try:
+        prompt = read_terminal(master, b": ")
+        assert prompt.startswith(b"MFA code for "), prompt
+        os.write(master, key)
+        stdout, stderr = process.communicate(timeout=60)
+        after = read_terminal(master, b"\n", timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+    # The terminal shows the key (^C) or nothing (^D), then the line ends: what imsa says next starts a line.
+    assert after.rstrip(b"^C").endswith(b"\r\n"), (name, after)
+    if key == b"\x03":
+        assert (process.returncode, stderr) == (EXIT_INTERRUPTED, "imsa: interrupted\n")
+    else:
+        assert (process.returncode, stderr) == (EXIT_STS, "imsa: error: no MFA code entered\n")
+    assert stdout == ""
+
+
+def test_ctrl_d_at_the_stderr_prompt_ends_its_line_too(isolated_env, service, sts_env):
+    # No controlling terminal (a new session) but stdin and stderr on a terminal: the prompt goes to stderr.
+    write_config(isolated_env, sts_env)
+    master, slave = os.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "imsa", "assume", "a"], stdin=slave, stdout=subprocess.PIPE,
+                               stderr=slave, start_new_session=True, env=dict(os.environ))
+    os.close(slave)
+    try:
+        prompt = read_terminal(master, b": ")
+        assert prompt.startswith(b"MFA code for "), prompt
+        os.write(master, b"\x04")
+        transcript = read_terminal(master, b"entered\r\n", timeout=30)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        os.close(master)
+    assert transcript == b"\r\nimsa: error: no MFA code entered\r\n"
+    assert process.returncode == EXIT_STS
