@@ -10,11 +10,19 @@ import os
 import sys
 
 from imsa import __version__
-from imsa.errors import EXIT_ERROR, EXIT_INTERRUPTED, ImsaError
+from imsa.errors import (
+    EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SERVICE, EXIT_STS, EXIT_USAGE, ImsaError, UsageError,
+)
 from imsa.logs import mute_wire_loggers
 
 
 MFA_HELP = "the 6-digit MFA code, or - to read it from stdin (else mfa_process or a prompt)"
+# What each exit code means, for the --help of every command (README, "Exit codes").
+EXIT_MEANINGS = {
+    EXIT_OK: "ok", EXIT_ERROR: "other error", EXIT_USAGE: "usage", EXIT_CONFIG: "configuration (~/.imsa)",
+    EXIT_STS: "MFA or STS", EXIT_SERVICE: "service not running", EXIT_INTERRUPTED: "interrupted",
+}
+SERVICE_CODES = (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_SERVICE, EXIT_INTERRUPTED)
 
 
 def _complete_profiles(prefix, **_kwargs):
@@ -23,52 +31,88 @@ def _complete_profiles(prefix, **_kwargs):
     return [name for name in config.profile_names() if name.startswith(prefix)]
 
 
+def _epilog(example, codes=SERVICE_CODES, meanings=None, lead=""):
+    """The end of a command's --help: a one-line example and the exit codes it may give (*meanings* override)."""
+    meanings = {**EXIT_MEANINGS, **(meanings or {})}
+    return f"example: {example}\nexit codes: {lead}" + ", ".join(f"{code} {meanings[code]}" for code in codes)
+
+
+def _add_global_flags(parser, suppress):
+    """-v and --debug, on the main parser and again on each command's (``imsa status -v`` = ``imsa -v status``).
+
+    A command's copy defaults to SUPPRESS, so that leaving it out there keeps what was given before the command.
+    """
+    default = argparse.SUPPRESS if suppress else False
+    parser.add_argument("--debug", action="store_true", default=default, help="show debug logs and tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="show what imsa does")
+
+
 def build_parser():
     """The argument parser for every command."""
     parser = argparse.ArgumentParser(
         prog="imsa",
         description="Temporary AWS credentials for every SDK on this machine, from one MFA session.",
+        epilog=_epilog("imsa assume my-profile   (imsa COMMAND --help: each command's options)"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"imsa {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show debug logs and tracebacks")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show what imsa does")
+    _add_global_flags(parser, suppress=False)
+    flags = argparse.ArgumentParser(add_help=False)
+    _add_global_flags(flags, suppress=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    start = commands.add_parser("start", help="start the service")
+    def command(name, help, example, codes=SERVICE_CODES, meanings=None, lead="", **kwargs):
+        return commands.add_parser(
+            name, help=help, description=help[0].upper() + help[1:] + ".", parents=[flags],
+            epilog=_epilog(example, codes, meanings, lead), formatter_class=argparse.RawDescriptionHelpFormatter,
+            **kwargs,
+        )
+
+    start = command("start", "start the service", "sudo imsa start   (development: imsa start --listen 127.0.0.1:8080)",
+                    (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED), {EXIT_ERROR: "it did not start"})
     start.add_argument("--listen", metavar="ADDR:PORT", help="where IMDS listens (default 169.254.169.254:80)")
     start.add_argument("--foreground", action="store_true", help="serve in this process (for systemd)")
     start.add_argument("--allow-imdsv1", action="store_true", help="also answer requests without an IMDSv2 token")
     start.add_argument("--user", metavar="NAME", help="when run as root: the user to serve (default: SUDO_USER)")
     start.add_argument("--report-ready", action="store_true", help=argparse.SUPPRESS)
 
-    commands.add_parser("stop", help="stop the service")
+    command("stop", "stop the service", "imsa stop", (EXIT_OK, EXIT_ERROR, EXIT_SERVICE))
 
-    status = commands.add_parser("status", help="show what the service serves")
+    status = command("status", "show what the service serves", "imsa status --json",
+                     (EXIT_OK, EXIT_ERROR, EXIT_SERVICE),
+                     {EXIT_OK: "valid credentials served", EXIT_ERROR: "nothing valid served"})
     status.add_argument("--json", action="store_true", help="print JSON")
 
-    assume = commands.add_parser("assume", help="make PROFILE the role every SDK on the machine gets")
+    assume = command("assume", "make PROFILE the role every SDK on the machine gets", "imsa assume admin")
     assume.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
     assume.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
 
-    export = commands.add_parser("export", help="print shell exports of PROFILE's credentials")
+    export = command(
+        "export", "print shell exports of PROFILE's credentials", 'eval "$(imsa export admin)"',
+        (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_INTERRUPTED),
+    )
     export.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
     export.add_argument("--format", choices=("sh", "fish", "json"), default="sh", help="output format (default sh)")
     export.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
 
-    run_as = commands.add_parser(
-        "exec", help="run a command with PROFILE's role (refreshed through a container-credentials endpoint)",
+    run_as = command(
+        "exec", "run a command with PROFILE's role (refreshed through a container-credentials endpoint)",
+        "imsa exec admin -- terraform plan",
+        (EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_SERVICE, 126, 127), {126: "cannot run", 127: "command not found"},
+        lead="the command's own status once it runs; before that ",
         usage="imsa exec PROFILE [--mode ecs|static] [--mfa-token CODE] -- COMMAND [ARGS...]",
     )
     run_as.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
     _add_exec_options(run_as)
     run_as.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the command to run")
 
-    process = commands.add_parser(
-        "credential-process", help="print PROFILE's credentials for credential_process in ~/.aws/config"
+    process = command(
+        "credential-process", "print PROFILE's credentials for credential_process in ~/.aws/config",
+        "credential_process = imsa credential-process admin   (in ~/.aws/config)",
     )
     process.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
 
-    console = commands.add_parser("console", help="open the AWS console signed in with PROFILE's role")
+    console = command("console", "open the AWS console signed in with PROFILE's role", "imsa console admin --print")
     console.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
     console.add_argument("--print", action="store_true", dest="print_url", help="print the sign-in URL instead of opening it")
     console.add_argument("--duration", type=int, metavar="S", help="console session length in seconds, 900-43200")
@@ -90,12 +134,11 @@ def _exec_command(args):
         return words[1:]
     if words and words[0].startswith("-"):
         if "--" not in words:
-            from imsa.errors import UsageError
-
             raise UsageError("put the command after --: imsa exec PROFILE [--mode ecs|static] -- COMMAND [ARGS...]")
         split = words.index("--")
         options = argparse.ArgumentParser(prog="imsa exec", add_help=False)
         _add_exec_options(options)
+        _add_global_flags(options, suppress=True)
         options.parse_args(words[:split], namespace=args)
         return words[split + 1:]
     return words
@@ -120,6 +163,7 @@ def run(args):
         from imsa import commands_exec
 
         command = _exec_command(args)
+        _set_log_level(args)  # -v given after PROFILE counts too
         return commands_exec.exec_command(args.profile, command, args.mode, args.mfa_token)
     if args.command == "credential-process":
         from imsa import commands_exec
@@ -130,6 +174,17 @@ def run(args):
 
         return commands_console.console(args.profile, args.print_url, args.duration, args.destination, args.mfa_token)
     raise AssertionError(args.command)
+
+
+def _set_log_level(args):
+    logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING)
+
+
+def one_line(message):
+    """*message* as one line without an ``imsa: error:`` of its own: the funnel writes the one prefix."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    text = "; ".join(lines).replace("imsa: error: ", "")
+    return text[len("imsa: "):] if text.startswith("imsa: ") else text
 
 
 def main(argv=None):
@@ -145,8 +200,8 @@ def main(argv=None):
         except ImportError:  # completion is a convenience
             pass
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="imsa: %(message)s", stream=sys.stderr)
+    logging.basicConfig(format="imsa: %(message)s", stream=sys.stderr)
+    _set_log_level(args)
     # Even with --debug: botocore's DEBUG lines print STS's raw answers, i.e. the MFA session's secret and token.
     mute_wire_loggers()
     try:
@@ -154,7 +209,7 @@ def main(argv=None):
     except ImsaError as error:
         if args.debug:
             logging.exception("failed")
-        sys.stderr.write(f"imsa: error: {error}\n")
+        sys.stderr.write(f"imsa: error: {one_line(error)}\n")
         return error.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("imsa: interrupted\n")
@@ -162,7 +217,7 @@ def main(argv=None):
     except Exception as error:  # the one funnel: a bug still gets one line, and a traceback with --debug
         if args.debug:
             raise
-        sys.stderr.write(f"imsa: error: unexpected {type(error).__name__}: {error} (run with --debug for details)\n")
+        sys.stderr.write(f"imsa: error: unexpected {type(error).__name__}: {one_line(error)} (run with --debug for details)\n")
         return EXIT_ERROR
 
 

@@ -278,6 +278,58 @@ def test_ctrl_c_and_ctrl_d_at_the_mfa_prompt_end_the_prompt_line_first(isolated_
     assert stdout == ""
 
 
+def test_every_command_has_an_example_and_its_exit_codes_in_its_help():
+    parser = cli.build_parser()
+    names = parser._subparsers._group_actions[0].choices  # every command, including ones added later
+    assert len(names) >= 8
+    for name in list(names) + [None]:
+        done = run_imsa(*([name] if name else []), "--help")
+        assert done.returncode == 0, (name, done.stderr)
+        lines = done.stdout.splitlines()
+        example = [line for line in lines if line.startswith("example: ")]
+        codes = [line for line in lines if line.startswith("exit codes: ")]
+        assert len(example) == 1 and len(codes) == 1, (name, done.stdout)
+        assert f"imsa {name or ''}".strip() in example[0], (name, example)
+        assert "2 usage" in codes[0] or name in ("stop", "status"), (name, codes)
+
+
+@pytest.mark.parametrize("args", [("status", "-v"), ("-v", "status"), ("status", "--debug"), ("--debug", "status"),
+                                  ("status", "--json", "-v")])
+def test_global_flags_are_accepted_before_and_after_the_command(isolated_env, args):
+    done = run_imsa(*args)
+    assert done.returncode == EXIT_SERVICE, done.stderr  # parsed: it got as far as looking for the service
+    assert "not running" in done.stderr and "usage:" not in done.stderr
+
+
+@pytest.mark.parametrize("args", [("-v", "export", "a"), ("export", "a", "-v"), ("exec", "a", "-v", "--mode", "static",
+                                                                                  "--", "true")])
+def test_verbose_after_the_command_shows_what_imsa_does(isolated_env, sts_env, args):
+    write_config(isolated_env, sts_env)
+    done = run_imsa(*args, "--mfa-token", MFA_CODE) if args[0] != "exec" else run_imsa(*args[:2], "--mfa-token",
+                                                                                         MFA_CODE, *args[2:])
+    assert done.returncode == 0, done.stderr
+    assert "imsa: GetSessionToken for " in done.stderr
+
+
+def test_debug_after_the_command_shows_the_traceback(isolated_env):
+    done = run_imsa("assume", "a", "--debug")
+    assert done.returncode == EXIT_CONFIG
+    assert "Traceback" in done.stderr and done.stderr.splitlines()[-1].startswith("imsa: error: ")
+
+
+def test_regression_an_error_quoting_another_imsa_error_has_one_prefix(isolated_env, monkeypatch, capsys):
+    # "imsa: error: the service failed to start: imsa: error: ...": the funnel writes the only prefix, on one line.
+    from imsa.errors import ServiceError
+
+    def failing(*_args, **_kwargs):
+        raise ServiceError("the service failed to start: imsa: error: cannot bind 127.0.0.1:1: denied\nsecond line")
+
+    monkeypatch.setattr(commands, "status", failing)
+    assert cli.main(["status"]) == EXIT_ERROR
+    assert capsys.readouterr().err == (
+        "imsa: error: the service failed to start: cannot bind 127.0.0.1:1: denied; second line\n")
+
+
 def test_ctrl_d_at_the_stderr_prompt_ends_its_line_too(isolated_env, service, sts_env):
     # No controlling terminal (a new session) but stdin and stderr on a terminal: the prompt goes to stderr.
     write_config(isolated_env, sts_env)
