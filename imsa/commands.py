@@ -17,6 +17,11 @@ from imsa.errors import EXIT_ERROR, EXIT_OK, ServiceError, ServiceNotRunning
 
 # A session with less than this left is renewed (with MFA) before it is used for a new role.
 SESSION_MIN_LEFT = datetime.timedelta(minutes=10)
+ENDPOINT_VARIABLE = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+# Where SDKs look for IMDS when the variable above is not set (service.DEFAULT_LISTEN, without importing service).
+DEFAULT_ADDRESS = "169.254.169.254:80"
+# The service's own words when its control socket is taken by a live service (service.bind_control_socket).
+ALREADY_RUNNING = "imsa is already running"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 POLL = 0.05
@@ -74,12 +79,14 @@ def assume(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=
     io = io or Io()
     profile = load_profile(name, io)
     client = client or Client()
-    client.status()  # fail fast (exit 5) before asking for an MFA code
+    running = client.status()  # fail fast (exit 5) before asking for an MFA code
     ensure_session(profile, client, sts.MfaSource(profile, mfa_token, prompt), io, sts_factory)
     result = client.activate(profile.role_spec())
     what = profile.role_arn or "MFA session credentials"
     expiration = parse_time(result["expiration"])
     io.say(f"imsa: {profile.name} active: {what}, until {format_time(expiration)} ({describe_left(expiration)})")
+    for warning in endpoint_warnings(running):
+        io.say(f"imsa: warning: {warning}")
     return EXIT_OK
 
 
@@ -154,6 +161,16 @@ def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None,
     if os.geteuid() == 0:
         for warning in service.writable_code_warnings():
             io.say(f"imsa: warning: {warning}")
+    else:
+        # Root never connects to the user's socket (the child it starts finds a running service itself); the user
+        # asks their own, verified, service, so that a new shell gets the export line again.
+        client = Client()
+        try:
+            running = client.status()
+        except ServiceNotRunning:
+            pass
+        else:
+            return _already_running(running, host, port, allow_imdsv1, io)
     # -I: the service imports nothing from the working directory, PYTHONPATH or the user's site-packages, and it
     # runs from / (as root that would be code of whoever can write there).
     argv = [sys.executable, "-I", "-m", "imsa"] + (["--debug"] if debug else [])
@@ -171,10 +188,33 @@ def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None,
         if child.poll() is None:
             child.terminate()
             raise ServiceError(f"the service did not answer within {START_TIMEOUT:.0f} s: {_last_line(output)}")
-        raise ServiceError(f"the service failed to start: {_last_line(output)}")
+        reason = _last_line(output)
+        if ALREADY_RUNNING in reason:  # said by the child: as root, or for a service that started meanwhile
+            again = "" if (host, port) == service.parse_listen(service.DEFAULT_LISTEN) or os.geteuid() != 0 else (
+                f"; as yourself, without sudo, imsa start --listen {listen} prints its export line again")
+            raise ServiceError(f"imsa is already running; imsa status shows where it listens, imsa stop stops "
+                               f"it{again}")
+        raise ServiceError(f"the service failed to start: {reason}")
     io.say(f"imsa: serving on {status['listen']} (pid {status['pid']}); log: {status['log']}")
     if (host, port) != service.parse_listen(service.DEFAULT_LISTEN):
-        io.data(f"export AWS_EC2_METADATA_SERVICE_ENDPOINT={status['endpoint']}\n")
+        io.data(f"export {ENDPOINT_VARIABLE}={status['endpoint']}\n")
+    return EXIT_OK
+
+
+def _already_running(running, host, port, allow_imdsv1, io):
+    """``imsa start`` while the user's service runs: fine if it serves as asked (the export line again), else 1."""
+    from imsa import service
+
+    where = service.parse_listen(running["listen"])
+    tokens = "tokens optional" if not running.get("tokens_required") else "tokens required"
+    if where[0] != host or port not in (0, where[1]) or running.get("tokens_required") == allow_imdsv1:
+        raise ServiceError(
+            f"imsa is already running on {running['listen']} ({tokens}, pid {running['pid']}), not as asked; "
+            f"stop it first: imsa stop"
+        )
+    io.say(f"imsa: already running on {running['listen']} (pid {running['pid']}); log: {running.get('log')}")
+    if where != service.parse_listen(service.DEFAULT_LISTEN):
+        io.data(f"export {ENDPOINT_VARIABLE}={running['endpoint']}\n")
     return EXIT_OK
 
 
@@ -244,9 +284,14 @@ def stop(io=None, client=None):
     raise ServiceError(f"the service (pid {status['pid']}) did not stop within {STOP_TIMEOUT:.0f} s")
 
 
-def shadowing_warnings(environ=None, home=None):
-    """Settings that would make SDKs use other credentials than imsa's, or send IMDS traffic to a proxy."""
+def shadowing_warnings(environ=None, home=None, listen=None):
+    """Settings that would make SDKs use other credentials than imsa's, or send IMDS traffic to a proxy.
+
+    *listen* is where the service listens (``HOST:PORT``, default the metadata address): its host is the one that
+    must be exempt from the proxy.
+    """
     environ = os.environ if environ is None else environ
+    host, _, port = (listen or DEFAULT_ADDRESS).rpartition(":")
     warnings = []
     for name in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
         if environ.get(name):
@@ -258,11 +303,53 @@ def shadowing_warnings(environ=None, home=None):
     )
     if default_profile_has_keys(credentials_file):
         warnings.append(f"{credentials_file} has keys in [default]: SDKs use them before IMDS")
-    proxy = environ.get("HTTP_PROXY") or environ.get("http_proxy")
-    no_proxy = (environ.get("NO_PROXY") or environ.get("no_proxy") or "").replace(" ", "").split(",")
-    if proxy and "169.254.169.254" not in no_proxy and "*" not in no_proxy:
-        warnings.append("HTTP_PROXY is set without NO_PROXY=169.254.169.254: IMDS requests would go to the proxy")
+    proxy = environ.get("http_proxy") or environ.get("HTTP_PROXY")
+    if proxy and not proxy_exempt(host, port, environ):
+        warnings.append(f"HTTP_PROXY is set without NO_PROXY={host}: IMDS requests would go to the proxy")
     return warnings
+
+
+def proxy_exempt(host, port, environ):
+    """True when NO_PROXY exempts ``host:port`` the way SDKs read it (urllib's rule: a name, a domain suffix, or *)."""
+    no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
+    for entry in (part.strip().lstrip(".") for part in no_proxy.split(",")):
+        if entry == "*" or entry in (host, f"{host}:{port}") or host.endswith("." + entry):
+            return True
+    return False
+
+
+def endpoint_warnings(running, environ=None):
+    """What is wrong with this shell's AWS_EC2_METADATA_SERVICE_ENDPOINT for the service *running* (status JSON)."""
+    environ = os.environ if environ is None else environ
+    listen, endpoint = running.get("listen"), running.get("endpoint")
+    if not listen or not endpoint:
+        return []
+    host, _, port = listen.rpartition(":")
+    configured = environ.get(ENDPOINT_VARIABLE)
+    if not configured:
+        if listen == DEFAULT_ADDRESS:
+            return []
+        return [f"{ENDPOINT_VARIABLE} is not set: SDKs in this shell ask 169.254.169.254, not the service on "
+                f"{listen}; run: export {ENDPOINT_VARIABLE}={endpoint}"]
+    if endpoint_address(configured) == (host.strip("[]"), port):
+        return []
+    remedy = f"unset {ENDPOINT_VARIABLE}" if listen == DEFAULT_ADDRESS else f"export {ENDPOINT_VARIABLE}={endpoint}"
+    return [f"{ENDPOINT_VARIABLE}={configured} is not where the service listens ({listen}): SDKs in this shell ask "
+            f"elsewhere; run: {remedy}"]
+
+
+def endpoint_address(url):
+    """(host, port as text) an SDK connects to for the endpoint *url* (``http://HOST[:PORT][/]``); port 80 if none."""
+    rest = url.strip()
+    if "://" in rest:
+        rest = rest.split("://", 1)[1]
+    netloc = rest.split("/", 1)[0]
+    if netloc.startswith("["):
+        host, _, tail = netloc[1:].partition("]")
+        port = tail[1:] if tail.startswith(":") else ""
+    else:
+        host, _, port = netloc.partition(":")
+    return host, port or "80"
 
 
 def default_profile_has_keys(path):
@@ -284,7 +371,7 @@ def status(as_json=False, io=None, client=None):
     data = client.status()
     active = data.get("active")
     valid = bool(active and active.get("valid"))
-    warnings = shadowing_warnings()
+    warnings = shadowing_warnings(listen=data.get("listen")) + endpoint_warnings(data)
     if as_json:
         data["warnings"] = warnings
         io.data(json.dumps(data, indent=2, sort_keys=True) + "\n")
