@@ -14,6 +14,7 @@ from imsa.errors import (
     EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SERVICE, EXIT_STS, EXIT_USAGE, ImsaError, UsageError,
 )
 from imsa.logs import mute_wire_loggers
+from imsa.shell import SHELLS
 
 
 MFA_HELP = "the 6-digit MFA code, or - to read it from stdin (else mfa_process or a prompt)"
@@ -88,23 +89,27 @@ def build_parser():
     assume.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
 
     export = command(
-        "export", "print shell exports of PROFILE's credentials", 'eval "$(imsa export admin)"',
+        "export", "print shell exports of PROFILE's credentials (--unset: the lines that remove them)",
+        'eval "$(imsa export admin)"   (and back: eval "$(imsa export --unset)")',
         (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_INTERRUPTED),
+        usage="imsa export PROFILE [--format sh|fish|json] [--mfa-token CODE]\n       imsa export --unset [--format sh|fish]",
     )
-    export.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
+    export.add_argument("profile", metavar="PROFILE", nargs="?").completer = _complete_profiles
     export.add_argument("--format", choices=("sh", "fish", "json"), default="sh", help="output format (default sh)")
     export.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
+    export.add_argument("--unset", action="store_true", help="print the lines that unset what imsa export sets")
 
     run_as = command(
-        "exec", "run a command with PROFILE's role (refreshed through a container-credentials endpoint)",
-        "imsa exec admin -- terraform plan",
+        "exec", "run a command with PROFILE's role (refreshed through a container-credentials endpoint); "
+        "without a command, $SHELL", "imsa exec admin -- terraform plan",
         (EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_SERVICE, 126, 127), {126: "cannot run", 127: "command not found"},
         lead="the command's own status once it runs; before that ",
-        usage="imsa exec PROFILE [--mode ecs|static] [--mfa-token CODE] -- COMMAND [ARGS...]",
+        usage="imsa exec PROFILE [--mode ecs|static] [--mfa-token CODE] [-- COMMAND [ARGS...]]",
     )
     run_as.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
     _add_exec_options(run_as)
-    run_as.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the command to run")
+    run_as.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
+                        help="the command to run (default: $SHELL)")
 
     process = command(
         "credential-process", "print PROFILE's credentials for credential_process in ~/.aws/config",
@@ -118,6 +123,12 @@ def build_parser():
     console.add_argument("--duration", type=int, metavar="S", help="console session length in seconds, 900-43200")
     console.add_argument("--destination", metavar="URL", help="the console page to land on")
     console.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
+
+    completion = command(
+        "completion", "print the shell code that completes imsa's commands and profile names",
+        'eval "$(imsa completion bash)"   (in ~/.bashrc; fish: imsa completion fish | source)', (EXIT_OK, EXIT_USAGE),
+    )
+    completion.add_argument("shell", choices=SHELLS, metavar="bash|zsh|fish")
     return parser
 
 
@@ -133,9 +144,9 @@ def _exec_command(args):
     if words and words[0] == "--":
         return words[1:]
     if words and words[0].startswith("-"):
-        if "--" not in words:
+        if "--" not in words and not _only_exec_options(words):
             raise UsageError("put the command after --: imsa exec PROFILE [--mode ecs|static] -- COMMAND [ARGS...]")
-        split = words.index("--")
+        split = words.index("--") if "--" in words else len(words)
         options = argparse.ArgumentParser(prog="imsa exec", add_help=False)
         _add_exec_options(options)
         _add_global_flags(options, suppress=True)
@@ -144,8 +155,37 @@ def _exec_command(args):
     return words
 
 
+def _only_exec_options(words):
+    """True when *words* are all options of ``imsa exec`` (``imsa exec p --mode static``: a shell, no command)."""
+    options = argparse.ArgumentParser(prog="imsa exec", add_help=False)
+    _add_exec_options(options)
+    _add_global_flags(options, suppress=True)
+    _, rest = options.parse_known_args(words)
+    return not rest
+
+
+def _export(args):
+    from imsa import commands, shell
+
+    if args.unset:
+        if args.profile:
+            raise UsageError("--unset takes no PROFILE: it removes whatever imsa export set (imsa export --unset)")
+        if args.format == "json":
+            raise UsageError("--unset prints shell lines: --format sh or fish")
+        sys.stdout.write(shell.unset_lines(args.format))
+        return EXIT_OK
+    if not args.profile:
+        raise UsageError("name the PROFILE to export (or --unset to remove the exports): imsa export PROFILE")
+    return commands.export(args.profile, args.format, args.mfa_token)
+
+
 def run(args):
     """Dispatch parsed *args* to commands.py."""
+    if args.command == "completion":  # nothing but argcomplete's code
+        from imsa import shell
+
+        sys.stdout.write(shell.completion(args.shell))
+        return EXIT_OK
     from imsa import commands
 
     if args.command == "start":
@@ -158,7 +198,7 @@ def run(args):
     if args.command == "assume":
         return commands.assume(args.profile, args.mfa_token)
     if args.command == "export":
-        return commands.export(args.profile, args.format, args.mfa_token)
+        return _export(args)
     if args.command == "exec":
         from imsa import commands_exec
 

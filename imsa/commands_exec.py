@@ -35,6 +35,8 @@ SHADOWING = (
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 EXIT_NOT_FOUND = 127
 EXIT_CANNOT_RUN = 126
+# What ``imsa exec PROFILE`` runs without a command when $SHELL is not set.
+DEFAULT_SHELL = "/bin/sh"
 
 
 class CommandNotRun(ImsaError):
@@ -116,9 +118,10 @@ def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None
     environ = os.environ if environ is None else environ
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
-    if not command:
-        raise UsageError("no command given; usage: imsa exec PROFILE [--mode ecs|static] -- COMMAND [ARGS...]")
     profile = load_profile(name, io)
+    shell_only = not command  # as aws-vault does: a shell with the role, until it exits
+    if shell_only:
+        command = [environ.get("SHELL") or DEFAULT_SHELL]
     outer = environ.get("IMSA_PROFILE")
     if outer:
         io.say(f"imsa: nested exec: {name} (inner) wins over {outer} (outer) for this command")
@@ -134,6 +137,8 @@ def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None
             f"({describe_left(creds.expiration)}) and not refreshed; use --mode ecs for longer commands"
         )
         values = dict(creds.to_env(), IMSA_PROFILE_EXPIRATION=format_time(creds.expiration))
+        if shell_only:
+            io.say(f"imsa: starting {command[0]} with {name}'s role; exit it to come back")
         return run_child(command, child_environment(environ, profile, values), popen)
 
     try:
@@ -155,6 +160,8 @@ def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None
                 "AWS_CONTAINER_CREDENTIALS_FULL_URI": endpoint.url,
                 "AWS_CONTAINER_AUTHORIZATION_TOKEN": endpoint.token,
             }
+            if shell_only:
+                io.say(f"imsa: starting {command[0]} with {name}'s role; exit it to come back")
             # The command holds the listening socket too: its port cannot be taken by anyone while it runs.
             return run_child(command, child_environment(environ, profile, values), popen, pass_fds=(endpoint.fileno(),))
     finally:
