@@ -124,6 +124,12 @@ def build_parser():
     console.add_argument("--destination", metavar="URL", help="the console page to land on")
     console.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
 
+    hook = command(
+        "shell-init", "print the shell hook that keeps AWS_REGION in step with the profile imsa serves",
+        'eval "$(imsa shell-init bash)"   (in ~/.bashrc; fish: imsa shell-init fish | source)', (EXIT_OK, EXIT_USAGE),
+    )
+    hook.add_argument("shell", choices=SHELLS, metavar="bash|zsh|fish")
+
     completion = command(
         "completion", "print the shell code that completes imsa's commands and profile names",
         'eval "$(imsa completion bash)"   (in ~/.bashrc; fish: imsa completion fish | source)', (EXIT_OK, EXIT_USAGE),
@@ -181,7 +187,12 @@ def _export(args):
 
 def run(args):
     """Dispatch parsed *args* to commands.py."""
-    if args.command == "completion":  # nothing but argcomplete's code
+    if args.command == "shell-init":  # in every new shell: nothing but the hook's own module
+        from imsa import rundir, shell
+
+        sys.stdout.write(shell.shell_init(args.shell, rundir.expected_service_uid()))
+        return EXIT_OK
+    if args.command == "completion":
         from imsa import shell
 
         sys.stdout.write(shell.completion(args.shell))

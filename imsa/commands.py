@@ -5,15 +5,19 @@
 
 import datetime
 import json
+import logging
 import os
 import shlex
 import sys
 import time
 
-from imsa import config
+from imsa import config, shell
 from imsa.client import Client
 from imsa.credentials import Credentials, format_time, mask, parse_time, utcnow
 from imsa.errors import EXIT_ERROR, EXIT_OK, ServiceError, ServiceNotRunning
+from imsa.shell import fish_quote
+
+log = logging.getLogger(__name__)
 
 # A session with less than this left is renewed (with MFA) before it is used for a new role.
 SESSION_MIN_LEFT = datetime.timedelta(minutes=10)
@@ -82,12 +86,70 @@ def assume(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=
     running = client.status()  # fail fast (exit 5) before asking for an MFA code
     ensure_session(profile, client, sts.MfaSource(profile, mfa_token, prompt), io, sts_factory)
     result = client.activate(profile.role_spec())
+    _record_region(client, profile.region)
     what = profile.role_arn or "MFA session credentials"
     expiration = parse_time(result["expiration"])
     io.say(f"imsa: {profile.name} active: {what}, until {format_time(expiration)} ({describe_left(expiration)})")
-    for warning in endpoint_warnings(running):
-        io.say(f"imsa: warning: {warning}")
+    for warning in endpoint_warnings(running) + [region_advice(profile)]:
+        if warning:
+            io.say(f"imsa: warning: {warning}")
     return EXIT_OK
+
+
+def _record_region(client, region):
+    """Tell the shell hook (imsa shell-init) the served profile's region; a file that cannot be written is logged."""
+    try:
+        shell.record_region(client.path, region, client.expected_uid)
+    except OSError as error:
+        log.info("cannot record the region for the shell hook: %s", error)
+
+
+def config_region(environ=None, home=None):
+    """The region of the AWS config file's profile this shell selects (AWS_PROFILE, else default), or None."""
+    import configparser
+
+    environ = os.environ if environ is None else environ
+    path = environ.get("AWS_CONFIG_FILE") or os.path.join(home or os.path.expanduser("~"), ".aws", "config")
+    name = environ.get("AWS_PROFILE") or "default"
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read(path, encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError):
+        return None
+    for section in ((name,) if name == "default" else ()) + (f"profile {name}",):
+        if parser.has_option(section, "region"):
+            return parser.get(section, "region").strip() or None
+    return None
+
+
+def region_advice(profile, environ=None, home=None):
+    """What to say after ``imsa assume`` when SDKs in this shell would use no region, or another one; or None.
+
+    boto3, botocore and the AWS CLI v1 read the region from the environment and the AWS config file only, never
+    from IMDS: without one they fail ("You must specify a region"). Through the shell hook (imsa shell-init, which
+    passes IMSA_SHELL_HOOK to the command) the region variables follow the profile, unless someone else set them.
+    """
+    environ = os.environ if environ is None else environ
+    mine = environ.get(shell.HOOK_VARIABLE, "")
+    follows = bool(environ.get(shell.HOOK_MARK)) and all(
+        environ.get(name, mine) == mine for name in shell.REGION_VARIABLES
+    )
+    current = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    region = profile.region if follows else current or config_region(environ, home)
+    if not region and profile.region:
+        name = os.path.basename(environ.get("SHELL") or "")
+        hook = f"imsa shell-init {name} | source" if name == "fish" else \
+            f'eval "$(imsa shell-init {name if name in shell.SHELLS else "bash"})"'
+        return (f"this shell has no AWS region, and boto3 and the AWS CLI v1 do not read it from IMDS: run "
+                f"export AWS_REGION={profile.region} AWS_DEFAULT_REGION={profile.region}, or make the shell follow "
+                f"the profile's region with {hook} (README, \"Shell set-up\")")
+    if not region:
+        return (f"profile {profile.name} names no region and this shell has none: boto3 and the AWS CLI v1 will fail "
+                f"with \"You must specify a region\"; add region: to {profile.name} in ~/.imsa, or export AWS_REGION")
+    if profile.region and current and not follows and current != profile.region:
+        return (f"this shell's region is {current}, not {profile.region} (the profile's): SDKs here call {current}; "
+                f"run export AWS_REGION={profile.region} AWS_DEFAULT_REGION={profile.region} to follow the profile")
+    return None
 
 
 def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None):
@@ -108,11 +170,6 @@ def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None,
             return profile, session
         return profile, sts.assume_role(session, profile.role_spec(), factory)
     return profile, Credentials.from_json(client.credentials(profile.role_spec()))
-
-
-def fish_quote(value):
-    """Quote for fish, where only backslash and single quote are special inside single quotes."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def export_lines(profile, creds, fmt):
@@ -168,7 +225,7 @@ def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None,
         try:
             running = client.status()
         except ServiceNotRunning:
-            pass
+            _record_region(client, None)  # left by a service that was killed: the next one serves nothing yet
         else:
             return _already_running(running, host, port, allow_imdsv1, io)
     # -I: the service imports nothing from the working directory, PYTHONPATH or the user's site-packages, and it
@@ -278,6 +335,7 @@ def stop(io=None, client=None):
         try:
             client.status()
         except ServiceNotRunning:
+            _record_region(client, None)
             io.say(f"imsa: stopped (pid {status['pid']})")
             return EXIT_OK
         time.sleep(POLL)
@@ -370,6 +428,7 @@ def status(as_json=False, io=None, client=None):
     client = client or Client()
     data = client.status()
     active = data.get("active")
+    _record_region(client, active and active.get("region"))
     valid = bool(active and active.get("valid"))
     warnings = shadowing_warnings(listen=data.get("listen")) + endpoint_warnings(data)
     if as_json:

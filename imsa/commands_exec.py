@@ -19,6 +19,7 @@ from imsa.client import Client
 from imsa.commands import Io, default_profile_has_keys, describe_left, load_profile, ensure_session
 from imsa.credentials import Credentials, format_time
 from imsa.errors import EXIT_OK, ImsaError, MfaError, ServiceNotRunning, UsageError
+from imsa.shell import HOOK_VARIABLE
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class CommandNotRun(ImsaError):
 def child_environment(base, profile, values):
     """*base* without the variables that would shadow *values*, plus *values*, IMSA_PROFILE and the region."""
     env = {key: value for key, value in base.items() if key not in SHADOWING}
+    # The region hook (imsa shell-init) of a shell inside the command must leave this profile's region alone: without
+    # its mark, the region variables are someone else's to it.
+    env.pop(HOOK_VARIABLE, None)
     env.update(values)
     env["IMSA_PROFILE"] = profile.name
     if profile.region:
