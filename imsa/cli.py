@@ -10,11 +10,20 @@ import os
 import sys
 
 from imsa import __version__, sudo
-from imsa.errors import EXIT_ERROR, EXIT_INTERRUPTED, ImsaError
+from imsa.errors import (
+    EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SERVICE, EXIT_STS, EXIT_USAGE, ImsaError, UsageError,
+)
 from imsa.logs import mute_wire_loggers
+from imsa.shell import SHELLS
 
 
 MFA_HELP = "the 6-digit MFA code, or - to read it from stdin (else mfa_process or a prompt)"
+# What each exit code means, for the --help of every command (README, "Exit codes").
+EXIT_MEANINGS = {
+    EXIT_OK: "ok", EXIT_ERROR: "other error", EXIT_USAGE: "usage", EXIT_CONFIG: "configuration (~/.imsa)",
+    EXIT_STS: "MFA or STS", EXIT_SERVICE: "service not running", EXIT_INTERRUPTED: "interrupted",
+}
+SERVICE_CODES = (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_SERVICE, EXIT_INTERRUPTED)
 
 
 def _complete_profiles(prefix, **_kwargs):
@@ -23,62 +32,117 @@ def _complete_profiles(prefix, **_kwargs):
     return [name for name in config.profile_names() if name.startswith(prefix)]
 
 
+def _epilog(example, codes=SERVICE_CODES, meanings=None, lead=""):
+    """The end of a command's --help: a one-line example and the exit codes it may give (*meanings* override)."""
+    meanings = {**EXIT_MEANINGS, **(meanings or {})}
+    return f"example: {example}\nexit codes: {lead}" + ", ".join(f"{code} {meanings[code]}" for code in codes)
+
+
+def _add_global_flags(parser, suppress):
+    """-v and --debug, on the main parser and again on each command's (``imsa status -v`` = ``imsa -v status``).
+
+    A command's copy defaults to SUPPRESS, so that leaving it out there keeps what was given before the command.
+    """
+    default = argparse.SUPPRESS if suppress else False
+    parser.add_argument("--debug", action="store_true", default=default, help="show debug logs and tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="show what imsa does")
+
+
 def build_parser():
     """The argument parser for every command."""
     parser = argparse.ArgumentParser(
         prog="imsa",
         description="Temporary AWS credentials for every SDK on this machine, from one MFA session.",
+        epilog=_epilog("imsa assume my-profile   (imsa COMMAND --help: each command's options)"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"imsa {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show debug logs and tracebacks")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show what imsa does")
+    _add_global_flags(parser, suppress=False)
+    flags = argparse.ArgumentParser(add_help=False)
+    _add_global_flags(flags, suppress=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    start = commands.add_parser("start", help="start the service")
+    def command(name, help, example, codes=SERVICE_CODES, meanings=None, lead="", **kwargs):
+        return commands.add_parser(
+            name, help=help, description=help[0].upper() + help[1:] + ".", parents=[flags],
+            epilog=_epilog(example, codes, meanings, lead), formatter_class=argparse.RawDescriptionHelpFormatter,
+            **kwargs,
+        )
+
+    start = command("start", "start the service", "sudo imsa start   (development: imsa start --listen 127.0.0.1:8080)",
+                    (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED), {EXIT_ERROR: "it did not start"})
     start.add_argument("--listen", metavar="ADDR:PORT", help="where IMDS listens (default 169.254.169.254:80)")
     start.add_argument("--foreground", action="store_true", help="serve in this process (for systemd)")
     start.add_argument("--allow-imdsv1", action="store_true", help="also answer requests without an IMDSv2 token")
     start.add_argument("--user", metavar="NAME", help="when run as root: the user to serve (default: SUDO_USER)")
     start.add_argument("--report-ready", action="store_true", help=argparse.SUPPRESS)
 
-    commands.add_parser("stop", help="stop the service")
+    command("stop", "stop the service", "imsa stop", (EXIT_OK, EXIT_ERROR, EXIT_SERVICE))
 
-    status = commands.add_parser("status", help="show what the service serves")
+    status = command("status", "show what the service serves", "imsa status --json",
+                     (EXIT_OK, EXIT_ERROR, EXIT_SERVICE),
+                     {EXIT_OK: "valid credentials served", EXIT_ERROR: "nothing valid served"})
     status.add_argument("--json", action="store_true", help="print JSON")
 
-    assume = commands.add_parser("assume", help="make PROFILE the role every SDK on the machine gets")
+    assume = command("assume", "make PROFILE the role every SDK on the machine gets", "imsa assume admin")
     assume.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
     assume.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
 
-    export = commands.add_parser("export", help="print shell exports of PROFILE's credentials")
-    export.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
+    export = command(
+        "export", "print shell exports of PROFILE's credentials (--unset: the lines that remove them)",
+        'eval "$(imsa export admin)"   (and back: eval "$(imsa export --unset)")',
+        (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_INTERRUPTED),
+        usage="imsa export PROFILE [--format sh|fish|json] [--mfa-token CODE]\n       imsa export --unset [--format sh|fish]",
+    )
+    export.add_argument("profile", metavar="PROFILE", nargs="?").completer = _complete_profiles
     export.add_argument("--format", choices=("sh", "fish", "json"), default="sh", help="output format (default sh)")
     export.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
+    export.add_argument("--unset", action="store_true", help="print the lines that unset what imsa export sets")
 
-    run_as = commands.add_parser(
-        "exec", help="run a command with PROFILE's role (refreshed through a container-credentials endpoint)",
-        usage="imsa exec PROFILE [--mode ecs|static] [--mfa-token CODE] -- COMMAND [ARGS...]",
+    run_as = command(
+        "exec", "run a command with PROFILE's role (refreshed through a container-credentials endpoint); "
+        "without a command, $SHELL", "imsa exec admin -- terraform plan",
+        (EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_SERVICE, 126, 127), {126: "cannot run", 127: "command not found"},
+        lead="the command's own status once it runs; before that ",
+        usage="imsa exec PROFILE [--mode ecs|static] [--mfa-token CODE] [-- COMMAND [ARGS...]]",
     )
     run_as.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
     _add_exec_options(run_as)
-    run_as.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the command to run")
+    run_as.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
+                        help="the command to run (default: $SHELL)")
 
-    process = commands.add_parser(
-        "credential-process", help="print PROFILE's credentials for credential_process in ~/.aws/config"
+    process = command(
+        "credential-process", "print PROFILE's credentials for credential_process in ~/.aws/config",
+        "credential_process = imsa credential-process admin   (in ~/.aws/config)",
     )
     process.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
 
-    console = commands.add_parser("console", help="open the AWS console signed in with PROFILE's role")
+    console = command("console", "open the AWS console signed in with PROFILE's role", "imsa console admin --print")
     console.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
     console.add_argument("--print", action="store_true", dest="print_url", help="print the sign-in URL instead of opening it")
     console.add_argument("--duration", type=int, metavar="S", help="console session length in seconds, 900-43200")
     console.add_argument("--destination", metavar="URL", help="the console page to land on")
     console.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
 
-    install = commands.add_parser("install-service", help="install and enable the systemd units for USER (as root)")
+    install = command(
+        "install-service", "install and enable the systemd units for USER (as root)",
+        "sudo imsa install-service alice   (files only: --unit-dir DIR)", (EXIT_OK, EXIT_ERROR, EXIT_USAGE),
+    )
     install.add_argument("user", nargs="?", metavar="USER", help="the user the service serves (default: SUDO_USER)")
     install.add_argument("--unit-dir", metavar="DIR", help="write the units to DIR instead, and enable nothing")
     install.add_argument("--no-enable", action="store_true", help="write the units only: no daemon-reload, no enable")
+
+    hook = command(
+        "shell-init", "print the shell hook that keeps AWS_REGION in step with the profile imsa serves",
+        'eval "$(imsa shell-init bash)"   (in ~/.bashrc; fish: imsa shell-init fish | source)', (EXIT_OK, EXIT_USAGE),
+    )
+    hook.add_argument("shell", choices=SHELLS, metavar="bash|zsh|fish")
+
+    completion = command(
+        "completion", "print the shell code that completes imsa's commands and profile names",
+        'eval "$(imsa completion bash)"   (in ~/.bashrc; fish: imsa completion fish | source)', (EXIT_OK, EXIT_USAGE),
+    )
+    completion.add_argument("shell", choices=SHELLS, metavar="bash|zsh|fish")
     return parser
 
 
@@ -94,20 +158,53 @@ def _exec_command(args):
     if words and words[0] == "--":
         return words[1:]
     if words and words[0].startswith("-"):
-        if "--" not in words:
-            from imsa.errors import UsageError
-
+        if "--" not in words and not _only_exec_options(words):
             raise UsageError("put the command after --: imsa exec PROFILE [--mode ecs|static] -- COMMAND [ARGS...]")
-        split = words.index("--")
+        split = words.index("--") if "--" in words else len(words)
         options = argparse.ArgumentParser(prog="imsa exec", add_help=False)
         _add_exec_options(options)
+        _add_global_flags(options, suppress=True)
         options.parse_args(words[:split], namespace=args)
         return words[split + 1:]
     return words
 
 
+def _only_exec_options(words):
+    """True when *words* are all options of ``imsa exec`` (``imsa exec p --mode static``: a shell, no command)."""
+    options = argparse.ArgumentParser(prog="imsa exec", add_help=False)
+    _add_exec_options(options)
+    _add_global_flags(options, suppress=True)
+    _, rest = options.parse_known_args(words)
+    return not rest
+
+
+def _export(args):
+    from imsa import commands, shell
+
+    if args.unset:
+        if args.profile:
+            raise UsageError("--unset takes no PROFILE: it removes whatever imsa export set (imsa export --unset)")
+        if args.format == "json":
+            raise UsageError("--unset prints shell lines: --format sh or fish")
+        sys.stdout.write(shell.unset_lines(args.format))
+        return EXIT_OK
+    if not args.profile:
+        raise UsageError("name the PROFILE to export (or --unset to remove the exports): imsa export PROFILE")
+    return commands.export(args.profile, args.format, args.mfa_token)
+
+
 def run(args):
     """Dispatch parsed *args* to commands.py."""
+    if args.command == "shell-init":  # in every new shell: nothing but the hook's own module
+        from imsa import rundir, shell
+
+        sys.stdout.write(shell.shell_init(args.shell, rundir.expected_service_uid()))
+        return EXIT_OK
+    if args.command == "completion":
+        from imsa import shell
+
+        sys.stdout.write(shell.completion(args.shell))
+        return EXIT_OK
     from imsa import commands
 
     if args.command == "start":
@@ -120,11 +217,12 @@ def run(args):
     if args.command == "assume":
         return commands.assume(args.profile, args.mfa_token)
     if args.command == "export":
-        return commands.export(args.profile, args.format, args.mfa_token)
+        return _export(args)
     if args.command == "exec":
         from imsa import commands_exec
 
         command = _exec_command(args)
+        _set_log_level(args)  # -v given after PROFILE counts too
         return commands_exec.exec_command(args.profile, command, args.mode, args.mfa_token)
     if args.command == "credential-process":
         from imsa import commands_exec
@@ -141,6 +239,17 @@ def run(args):
     raise AssertionError(args.command)
 
 
+def _set_log_level(args):
+    logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING)
+
+
+def one_line(message):
+    """*message* as one line without an ``imsa: error:`` of its own: the funnel writes the one prefix."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    text = "; ".join(lines).replace("imsa: error: ", "")
+    return text[len("imsa: "):] if text.startswith("imsa: ") else text
+
+
 def main(argv=None):
     """Entry point of the ``imsa`` command; returns the exit code."""
     parser = build_parser()
@@ -154,8 +263,8 @@ def main(argv=None):
         except ImportError:  # completion is a convenience
             pass
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="imsa: %(message)s", stream=sys.stderr)
+    logging.basicConfig(format="imsa: %(message)s", stream=sys.stderr)
+    _set_log_level(args)
     # Even with --debug: botocore's DEBUG lines print STS's raw answers, i.e. the MFA session's secret and token.
     mute_wire_loggers()
     try:
@@ -165,7 +274,7 @@ def main(argv=None):
     except ImsaError as error:
         if args.debug:
             logging.exception("failed")
-        sys.stderr.write(f"imsa: error: {error}\n")
+        sys.stderr.write(f"imsa: error: {one_line(error)}\n")
         return error.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("imsa: interrupted\n")
@@ -173,7 +282,7 @@ def main(argv=None):
     except Exception as error:  # the one funnel: a bug still gets one line, and a traceback with --debug
         if args.debug:
             raise
-        sys.stderr.write(f"imsa: error: unexpected {type(error).__name__}: {error} (run with --debug for details)\n")
+        sys.stderr.write(f"imsa: error: unexpected {type(error).__name__}: {one_line(error)} (run with --debug for details)\n")
         return EXIT_ERROR
 
 

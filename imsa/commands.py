@@ -5,18 +5,27 @@
 
 import datetime
 import json
+import logging
 import os
 import shlex
 import sys
 import time
 
-from imsa import config
+from imsa import config, shell
 from imsa.client import Client
 from imsa.credentials import Credentials, format_time, mask, parse_time, utcnow
 from imsa.errors import EXIT_ERROR, EXIT_OK, ServiceError, ServiceNotRunning
+from imsa.shell import fish_quote
+
+log = logging.getLogger(__name__)
 
 # A session with less than this left is renewed (with MFA) before it is used for a new role.
 SESSION_MIN_LEFT = datetime.timedelta(minutes=10)
+ENDPOINT_VARIABLE = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+# Where SDKs look for IMDS when the variable above is not set (service.DEFAULT_LISTEN, without importing service).
+DEFAULT_ADDRESS = "169.254.169.254:80"
+# The service's own words when its control socket is taken by a live service (service.bind_control_socket).
+ALREADY_RUNNING = "imsa is already running"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 POLL = 0.05
@@ -74,13 +83,73 @@ def assume(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=
     io = io or Io()
     profile = load_profile(name, io)
     client = client or Client()
-    client.status()  # fail fast (exit 5) before asking for an MFA code
+    running = client.status()  # fail fast (exit 5) before asking for an MFA code
     ensure_session(profile, client, sts.MfaSource(profile, mfa_token, prompt), io, sts_factory)
     result = client.activate(profile.role_spec())
+    _record_region(client, profile.region)
     what = profile.role_arn or "MFA session credentials"
     expiration = parse_time(result["expiration"])
     io.say(f"imsa: {profile.name} active: {what}, until {format_time(expiration)} ({describe_left(expiration)})")
+    for warning in endpoint_warnings(running) + [region_advice(profile)]:
+        if warning:
+            io.say(f"imsa: warning: {warning}")
     return EXIT_OK
+
+
+def _record_region(client, region):
+    """Tell the shell hook (imsa shell-init) the served profile's region; a file that cannot be written is logged."""
+    try:
+        shell.record_region(client.path, region, client.expected_uid)
+    except OSError as error:
+        log.info("cannot record the region for the shell hook: %s", error)
+
+
+def config_region(environ=None, home=None):
+    """The region of the AWS config file's profile this shell selects (AWS_PROFILE, else default), or None."""
+    import configparser
+
+    environ = os.environ if environ is None else environ
+    path = environ.get("AWS_CONFIG_FILE") or os.path.join(home or os.path.expanduser("~"), ".aws", "config")
+    name = environ.get("AWS_PROFILE") or "default"
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read(path, encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError):
+        return None
+    for section in ((name,) if name == "default" else ()) + (f"profile {name}",):
+        if parser.has_option(section, "region"):
+            return parser.get(section, "region").strip() or None
+    return None
+
+
+def region_advice(profile, environ=None, home=None):
+    """What to say after ``imsa assume`` when SDKs in this shell would use no region, or another one; or None.
+
+    boto3, botocore and the AWS CLI v1 read the region from the environment and the AWS config file only, never
+    from IMDS: without one they fail ("You must specify a region"). Through the shell hook (imsa shell-init, which
+    passes IMSA_SHELL_HOOK to the command) the region variables follow the profile, unless someone else set them.
+    """
+    environ = os.environ if environ is None else environ
+    mine = environ.get(shell.HOOK_VARIABLE, "")
+    follows = bool(environ.get(shell.HOOK_MARK)) and all(
+        environ.get(name, mine) == mine for name in shell.REGION_VARIABLES
+    )
+    current = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    region = profile.region if follows else current or config_region(environ, home)
+    if not region and profile.region:
+        name = os.path.basename(environ.get("SHELL") or "")
+        hook = f"imsa shell-init {name} | source" if name == "fish" else \
+            f'eval "$(imsa shell-init {name if name in shell.SHELLS else "bash"})"'
+        return (f"this shell has no AWS region, and boto3 and the AWS CLI v1 do not read it from IMDS: run "
+                f"export AWS_REGION={profile.region} AWS_DEFAULT_REGION={profile.region}, or make the shell follow "
+                f"the profile's region with {hook} (README, \"Shell set-up\")")
+    if not region:
+        return (f"profile {profile.name} names no region and this shell has none: boto3 and the AWS CLI v1 will fail "
+                f"with \"You must specify a region\"; add region: to {profile.name} in ~/.imsa, or export AWS_REGION")
+    if profile.region and current and not follows and current != profile.region:
+        return (f"this shell's region is {current}, not {profile.region} (the profile's): SDKs here call {current}; "
+                f"run export AWS_REGION={profile.region} AWS_DEFAULT_REGION={profile.region} to follow the profile")
+    return None
 
 
 def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None):
@@ -101,11 +170,6 @@ def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None,
             return profile, session
         return profile, sts.assume_role(session, profile.role_spec(), factory)
     return profile, Credentials.from_json(client.credentials(profile.role_spec()))
-
-
-def fish_quote(value):
-    """Quote for fish, where only backslash and single quote are special inside single quotes."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def export_lines(profile, creds, fmt):
@@ -154,6 +218,16 @@ def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None,
     if os.geteuid() == 0:
         for warning in service.writable_code_warnings():
             io.say(f"imsa: warning: {warning}")
+    else:
+        # Root never connects to the user's socket (the child it starts finds a running service itself); the user
+        # asks their own, verified, service, so that a new shell gets the export line again.
+        client = Client()
+        try:
+            running = client.status()
+        except ServiceNotRunning:
+            _record_region(client, None)  # left by a service that was killed: the next one serves nothing yet
+        else:
+            return _already_running(running, host, port, allow_imdsv1, io)
     # -I: the service imports nothing from the working directory, PYTHONPATH or the user's site-packages, and it
     # runs from / (as root that would be code of whoever can write there).
     argv = [sys.executable, "-I", "-m", "imsa"] + (["--debug"] if debug else [])
@@ -171,10 +245,33 @@ def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None,
         if child.poll() is None:
             child.terminate()
             raise ServiceError(f"the service did not answer within {START_TIMEOUT:.0f} s: {_last_line(output)}")
-        raise ServiceError(f"the service failed to start: {_last_line(output)}")
+        reason = _last_line(output)
+        if ALREADY_RUNNING in reason:  # said by the child: as root, or for a service that started meanwhile
+            again = "" if (host, port) == service.parse_listen(service.DEFAULT_LISTEN) or os.geteuid() != 0 else (
+                f"; as yourself, without sudo, imsa start --listen {listen} prints its export line again")
+            raise ServiceError(f"imsa is already running; imsa status shows where it listens, imsa stop stops "
+                               f"it{again}")
+        raise ServiceError(f"the service failed to start: {reason}")
     io.say(f"imsa: serving on {status['listen']} (pid {status['pid']}); log: {status['log']}")
     if (host, port) != service.parse_listen(service.DEFAULT_LISTEN):
-        io.data(f"export AWS_EC2_METADATA_SERVICE_ENDPOINT={status['endpoint']}\n")
+        io.data(f"export {ENDPOINT_VARIABLE}={status['endpoint']}\n")
+    return EXIT_OK
+
+
+def _already_running(running, host, port, allow_imdsv1, io):
+    """``imsa start`` while the user's service runs: fine if it serves as asked (the export line again), else 1."""
+    from imsa import service
+
+    where = service.parse_listen(running["listen"])
+    tokens = "tokens optional" if not running.get("tokens_required") else "tokens required"
+    if where[0] != host or port not in (0, where[1]) or running.get("tokens_required") == allow_imdsv1:
+        raise ServiceError(
+            f"imsa is already running on {running['listen']} ({tokens}, pid {running['pid']}), not as asked; "
+            f"stop it first: imsa stop"
+        )
+    io.say(f"imsa: already running on {running['listen']} (pid {running['pid']}); log: {running.get('log')}")
+    if where != service.parse_listen(service.DEFAULT_LISTEN):
+        io.data(f"export {ENDPOINT_VARIABLE}={running['endpoint']}\n")
     return EXIT_OK
 
 
@@ -238,15 +335,21 @@ def stop(io=None, client=None):
         try:
             client.status()
         except ServiceNotRunning:
+            _record_region(client, None)
             io.say(f"imsa: stopped (pid {status['pid']})")
             return EXIT_OK
         time.sleep(POLL)
     raise ServiceError(f"the service (pid {status['pid']}) did not stop within {STOP_TIMEOUT:.0f} s")
 
 
-def shadowing_warnings(environ=None, home=None):
-    """Settings that would make SDKs use other credentials than imsa's, or send IMDS traffic to a proxy."""
+def shadowing_warnings(environ=None, home=None, listen=None):
+    """Settings that would make SDKs use other credentials than imsa's, or send IMDS traffic to a proxy.
+
+    *listen* is where the service listens (``HOST:PORT``, default the metadata address): its host is the one that
+    must be exempt from the proxy.
+    """
     environ = os.environ if environ is None else environ
+    host, _, port = (listen or DEFAULT_ADDRESS).rpartition(":")
     warnings = []
     for name in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
         if environ.get(name):
@@ -258,11 +361,53 @@ def shadowing_warnings(environ=None, home=None):
     )
     if default_profile_has_keys(credentials_file):
         warnings.append(f"{credentials_file} has keys in [default]: SDKs use them before IMDS")
-    proxy = environ.get("HTTP_PROXY") or environ.get("http_proxy")
-    no_proxy = (environ.get("NO_PROXY") or environ.get("no_proxy") or "").replace(" ", "").split(",")
-    if proxy and "169.254.169.254" not in no_proxy and "*" not in no_proxy:
-        warnings.append("HTTP_PROXY is set without NO_PROXY=169.254.169.254: IMDS requests would go to the proxy")
+    proxy = environ.get("http_proxy") or environ.get("HTTP_PROXY")
+    if proxy and not proxy_exempt(host, port, environ):
+        warnings.append(f"HTTP_PROXY is set without NO_PROXY={host}: IMDS requests would go to the proxy")
     return warnings
+
+
+def proxy_exempt(host, port, environ):
+    """True when NO_PROXY exempts ``host:port`` the way SDKs read it (urllib's rule: a name, a domain suffix, or *)."""
+    no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
+    for entry in (part.strip().lstrip(".") for part in no_proxy.split(",")):
+        if entry == "*" or entry in (host, f"{host}:{port}") or host.endswith("." + entry):
+            return True
+    return False
+
+
+def endpoint_warnings(running, environ=None):
+    """What is wrong with this shell's AWS_EC2_METADATA_SERVICE_ENDPOINT for the service *running* (status JSON)."""
+    environ = os.environ if environ is None else environ
+    listen, endpoint = running.get("listen"), running.get("endpoint")
+    if not listen or not endpoint:
+        return []
+    host, _, port = listen.rpartition(":")
+    configured = environ.get(ENDPOINT_VARIABLE)
+    if not configured:
+        if listen == DEFAULT_ADDRESS:
+            return []
+        return [f"{ENDPOINT_VARIABLE} is not set: SDKs in this shell ask 169.254.169.254, not the service on "
+                f"{listen}; run: export {ENDPOINT_VARIABLE}={endpoint}"]
+    if endpoint_address(configured) == (host.strip("[]"), port):
+        return []
+    remedy = f"unset {ENDPOINT_VARIABLE}" if listen == DEFAULT_ADDRESS else f"export {ENDPOINT_VARIABLE}={endpoint}"
+    return [f"{ENDPOINT_VARIABLE}={configured} is not where the service listens ({listen}): SDKs in this shell ask "
+            f"elsewhere; run: {remedy}"]
+
+
+def endpoint_address(url):
+    """(host, port as text) an SDK connects to for the endpoint *url* (``http://HOST[:PORT][/]``); port 80 if none."""
+    rest = url.strip()
+    if "://" in rest:
+        rest = rest.split("://", 1)[1]
+    netloc = rest.split("/", 1)[0]
+    if netloc.startswith("["):
+        host, _, tail = netloc[1:].partition("]")
+        port = tail[1:] if tail.startswith(":") else ""
+    else:
+        host, _, port = netloc.partition(":")
+    return host, port or "80"
 
 
 def default_profile_has_keys(path):
@@ -283,8 +428,9 @@ def status(as_json=False, io=None, client=None):
     client = client or Client()
     data = client.status()
     active = data.get("active")
+    _record_region(client, active and active.get("region"))
     valid = bool(active and active.get("valid"))
-    warnings = shadowing_warnings()
+    warnings = shadowing_warnings(listen=data.get("listen")) + endpoint_warnings(data)
     if as_json:
         data["warnings"] = warnings
         io.data(json.dumps(data, indent=2, sort_keys=True) + "\n")

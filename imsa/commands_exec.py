@@ -19,6 +19,7 @@ from imsa.client import Client
 from imsa.commands import Io, default_profile_has_keys, describe_left, load_profile, ensure_session
 from imsa.credentials import Credentials, format_time
 from imsa.errors import EXIT_OK, ImsaError, MfaError, ServiceNotRunning, UsageError
+from imsa.shell import HOOK_VARIABLE
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ SHADOWING = (
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 EXIT_NOT_FOUND = 127
 EXIT_CANNOT_RUN = 126
+# What ``imsa exec PROFILE`` runs without a command when $SHELL is not set.
+DEFAULT_SHELL = "/bin/sh"
 
 
 class CommandNotRun(ImsaError):
@@ -48,6 +51,9 @@ class CommandNotRun(ImsaError):
 def child_environment(base, profile, values):
     """*base* without the variables that would shadow *values*, plus *values*, IMSA_PROFILE and the region."""
     env = {key: value for key, value in base.items() if key not in SHADOWING}
+    # The region hook (imsa shell-init) of a shell inside the command must leave this profile's region alone: without
+    # its mark, the region variables are someone else's to it.
+    env.pop(HOOK_VARIABLE, None)
     env.update(values)
     env["IMSA_PROFILE"] = profile.name
     if profile.region:
@@ -116,9 +122,10 @@ def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None
     environ = os.environ if environ is None else environ
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
-    if not command:
-        raise UsageError("no command given; usage: imsa exec PROFILE [--mode ecs|static] -- COMMAND [ARGS...]")
     profile = load_profile(name, io)
+    shell_only = not command  # as aws-vault does: a shell with the role, until it exits
+    if shell_only:
+        command = [environ.get("SHELL") or DEFAULT_SHELL]
     outer = environ.get("IMSA_PROFILE")
     if outer:
         io.say(f"imsa: nested exec: {name} (inner) wins over {outer} (outer) for this command")
@@ -134,6 +141,8 @@ def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None
             f"({describe_left(creds.expiration)}) and not refreshed; use --mode ecs for longer commands"
         )
         values = dict(creds.to_env(), IMSA_PROFILE_EXPIRATION=format_time(creds.expiration))
+        if shell_only:
+            io.say(f"imsa: starting {command[0]} with {name}'s role; exit it to come back")
         return run_child(command, child_environment(environ, profile, values), popen)
 
     try:
@@ -155,6 +164,8 @@ def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None
                 "AWS_CONTAINER_CREDENTIALS_FULL_URI": endpoint.url,
                 "AWS_CONTAINER_AUTHORIZATION_TOKEN": endpoint.token,
             }
+            if shell_only:
+                io.say(f"imsa: starting {command[0]} with {name}'s role; exit it to come back")
             # The command holds the listening socket too: its port cannot be taken by anyone while it runs.
             return run_child(command, child_environment(environ, profile, values), popen, pass_fds=(endpoint.fileno(),))
     finally:

@@ -132,10 +132,20 @@ def open_terminal():
 
 
 def ask_terminal(tty, text):
-    """Write *text* on *tty* and return the line typed there (MfaError at end of input)."""
+    """Write *text* on *tty* and return the line typed there (MfaError at end of input).
+
+    Ctrl-C or Ctrl-D leave the cursor after the prompt: the line is ended there first, so that the message that
+    follows (``imsa: interrupted``, ``imsa: error: …``) starts a line of its own.
+    """
     with tty:
-        tty.write(text.encode("utf-8"))
-        line = tty.readline()
+        try:  # the prompt too: a Ctrl-C typed as soon as it shows may be handled before readline is reached
+            tty.write(text.encode("utf-8"))
+            line = tty.readline()
+        except KeyboardInterrupt:
+            tty.write(b"\n")
+            raise
+        if not line:
+            tty.write(b"\n")
     if not line:
         raise MfaError("no MFA code entered")
     return line.decode("utf-8", "replace").strip()
@@ -152,10 +162,15 @@ class TerminalPrompt:
         import sys
 
         if sys.stdin is not None and sys.stdin.isatty():
-            sys.stderr.write(text)
-            sys.stderr.flush()
-            line = sys.stdin.readline()
+            try:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+                line = sys.stdin.readline()
+            except KeyboardInterrupt:
+                sys.stderr.write("\n")
+                raise
             if not line:
+                sys.stderr.write("\n")
                 raise MfaError("no MFA code entered")
             return line.strip()
         raise MfaError("an MFA code is needed but there is no terminal to ask on; pass --mfa-token CODE or set mfa_process")

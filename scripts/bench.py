@@ -544,6 +544,7 @@ def measure_cli(plan, rows, sts, log, work):
         "status": (imsa + ["status"], None),
         "export": (imsa + ["export", "c"], None),
         "complete": (imsa, complete_env),
+        "shell_init": (imsa + ["shell-init", "bash"], None),
     }
     warm, done = _timed(imsa + ["export", "c"])  # role-c into the service's cache
     if done.returncode != 0:
@@ -577,6 +578,7 @@ def measure_cli(plan, rows, sts, log, work):
         ("status", "imsa status", 100.0),
         ("export", "imsa export P (cached)", 150.0),
         ("complete", "completion of imsa assume <TAB>", 100.0),
+        ("shell_init", "imsa shell-init bash (once per new shell)", 100.0),
     ):
         value = _median(times[key]) * 1000
         rows.append(row(f"cli_{key}", title, "ms", {"imsa": value}, base_value=python, base_name="python -c pass",
@@ -585,6 +587,47 @@ def measure_cli(plan, rows, sts, log, work):
     rows.append(row("cli_assume", "imsa assume P2 (session cached, 1 AssumeRole)", "ms",
                     {"imsa": _median(assume_times) * 1000}, base_value=python, base_name="python -c pass",
                     detail={"runs": plan.assume_runs, "assume_role_calls": calls, "get_session_token_calls": sessions}))
+
+
+def measure_shell_hook(plan, rows, log, work):
+    """The region hook of ``imsa shell-init bash`` at one prompt, next to an empty bash function: µs per call.
+
+    It runs at every prompt, so it must cost nothing a person could notice. Measured on its full path: a control
+    socket is there and the region file holds a region (a directory of its own, with a socket bound here).
+    """
+    bash = shutil.which("bash")
+    if not bash:
+        log("shell hook: no bash on this machine; row left empty")
+        rows.append(row("shell_hook", "region hook at each prompt (bash)", "µs", {"imsa": None}))
+        return
+    run_dir = os.path.join(work, "hook")
+    os.mkdir(run_dir, 0o700)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(run_dir, "control.sock"))
+    with open(os.path.join(run_dir, "region"), "w", encoding="ascii") as handle:
+        handle.write("us-west-2\n")
+    calls = 200 if plan.quick else 2000
+    script = f"""eval "$("$@" shell-init bash)" || exit 9
+empty() {{ :; }}
+t0=$EPOCHREALTIME; for ((i = 0; i < {calls}; i++)); do _imsa_region; done; t1=$EPOCHREALTIME
+for ((i = 0; i < {calls}; i++)); do empty; done; t2=$EPOCHREALTIME
+echo "$t0 $t1 $t2 $AWS_REGION"
+"""
+    env = dict(os.environ, IMSA_CONTROL_SOCKET=os.path.join(run_dir, "control.sock"))
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):  # the hook leaves a region someone else set alone
+        env.pop(name, None)
+    try:
+        done = subprocess.run([bash, "--norc", "--noprofile", "-c", script, "bench", *_imsa_argv()],
+                              capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+    finally:
+        listener.close()
+    fields = done.stdout.split()
+    if done.returncode != 0 or len(fields) != 4 or fields[3] != "us-west-2":
+        raise RuntimeError(f"the shell hook did not run: {done.stdout.strip()} {done.stderr.strip()}")
+    t0, t1, t2 = (float(value) for value in fields[:3])
+    hook, empty = (t1 - t0) / calls * 1e6, (t2 - t1) / calls * 1e6
+    rows.append(row("shell_hook", "region hook at each prompt (bash)", "µs", {"imsa": hook}, base_value=empty,
+                    base_name="an empty bash function", absolute=("max", 1000.0), detail={"calls": calls}))
 
 
 def measure_resources(load, ports, pids, plan, rows, log):
@@ -756,6 +799,7 @@ def run(plan, say):
         phases["clients"] = time.monotonic() - began - sum(phases.values())
         say("bench: 3-4/5 the CLI")
         measure_cli(plan, rows, sts, log, work)
+        measure_shell_hook(plan, rows, log, work)
         phases["cli"] = time.monotonic() - began - sum(phases.values())
         # assume switched the served role; the resource rows only need the sequences to succeed, whatever role.
         say(f"bench: 5/5 RSS and {plan.idle_seconds} s idle")

@@ -11,7 +11,7 @@ import sys
 import boto3
 import pytest
 
-from conftest import MFA_CODE, one_error_line, run_imsa, run_without_terminal, write_config
+from conftest import MFA_CODE, one_error_line, read_terminal, run_imsa, run_without_terminal, with_terminal, write_config
 from imsa import cli, commands
 from imsa.config import Profile
 from imsa.credentials import Credentials
@@ -240,3 +240,105 @@ def test_mfa_token_dash_with_no_code_on_stdin_exits_4_with_one_line(isolated_env
     write_config(isolated_env, sts_env)
     done = run_imsa("assume", "a", "--mfa-token", "-", input="")
     assert "stdin is not a 6-digit MFA code" in one_error_line(done, 4)
+
+
+# --- messages a person meets ---
+
+
+@pytest.mark.parametrize("key, name", [(b"\x03", "Ctrl-C"), (b"\x04", "Ctrl-D")])
+def test_ctrl_c_and_ctrl_d_at_the_mfa_prompt_end_the_prompt_line_first(isolated_env, service, sts_env, key, name):
+    write_config(isolated_env, sts_env)
+    process, master = with_terminal(["assume", "a"])
+    try:
+        prompt = read_terminal(master, b": ")
+        assert prompt.startswith(b"MFA code for "), prompt
+        os.write(master, key)
+        stdout, stderr = process.communicate(timeout=60)
+        after = read_terminal(master, b"\n", timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+    # The terminal shows the key (^C) or nothing (^D), then the line ends: what imsa says next starts a line.
+    assert after.rstrip(b"^C").endswith(b"\r\n"), (name, after)
+    if key == b"\x03":
+        assert (process.returncode, stderr) == (130, "imsa: interrupted\n")
+    else:
+        assert (process.returncode, stderr) == (4, "imsa: error: no MFA code entered\n")
+    assert stdout == ""
+
+
+def test_every_command_has_an_example_and_its_exit_codes_in_its_help():
+    parser = cli.build_parser()
+    names = parser._subparsers._group_actions[0].choices  # every command, including ones added later
+    assert len(names) >= 8
+    for name in list(names) + [None]:
+        done = run_imsa(*([name] if name else []), "--help")
+        assert done.returncode == 0, (name, done.stderr)
+        lines = done.stdout.splitlines()
+        example = [line for line in lines if line.startswith("example: ")]
+        codes = [line for line in lines if line.startswith("exit codes: ")]
+        assert len(example) == 1 and len(codes) == 1, (name, done.stdout)
+        assert f"imsa {name or ''}".strip() in example[0], (name, example)
+        assert "2 usage" in codes[0] or name in ("stop", "status"), (name, codes)
+
+
+@pytest.mark.parametrize("args", [("status", "-v"), ("-v", "status"), ("status", "--debug"), ("--debug", "status"),
+                                  ("status", "--json", "-v")])
+def test_global_flags_are_accepted_before_and_after_the_command(isolated_env, args):
+    done = run_imsa(*args)
+    assert done.returncode == 5, done.stderr  # parsed: it got as far as looking for the service
+    assert "not running" in done.stderr and "usage:" not in done.stderr
+
+
+@pytest.mark.parametrize("args", [("-v", "export", "a"), ("export", "a", "-v"), ("exec", "a", "-v", "--mode", "static",
+                                                                                  "--", "true")])
+def test_verbose_after_the_command_shows_what_imsa_does(isolated_env, sts_env, args):
+    write_config(isolated_env, sts_env)
+    done = run_imsa(*args, "--mfa-token", MFA_CODE) if args[0] != "exec" else run_imsa(*args[:2], "--mfa-token",
+                                                                                         MFA_CODE, *args[2:])
+    assert done.returncode == 0, done.stderr
+    assert "imsa: GetSessionToken for " in done.stderr
+
+
+def test_debug_after_the_command_shows_the_traceback(isolated_env):
+    done = run_imsa("assume", "a", "--debug")
+    assert done.returncode == 3
+    assert "Traceback" in done.stderr and done.stderr.splitlines()[-1].startswith("imsa: error: ")
+
+
+def test_regression_an_error_quoting_another_imsa_error_has_one_prefix(isolated_env, monkeypatch, capsys):
+    # "imsa: error: the service failed to start: imsa: error: ...": the funnel writes the only prefix, on one line.
+    from imsa.errors import ServiceError
+
+    def failing(*_args, **_kwargs):
+        raise ServiceError("the service failed to start: imsa: error: cannot bind 127.0.0.1:1: denied\nsecond line")
+
+    monkeypatch.setattr(commands, "status", failing)
+    assert cli.main(["status"]) == 1
+    assert capsys.readouterr().err == (
+        "imsa: error: the service failed to start: cannot bind 127.0.0.1:1: denied; second line\n")
+
+
+def test_ctrl_d_at_the_stderr_prompt_ends_its_line_too(isolated_env, service, sts_env):
+    # No controlling terminal (a new session) but stdin and stderr on a terminal: the prompt goes to stderr.
+    write_config(isolated_env, sts_env)
+    master, slave = os.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "imsa", "assume", "a"], stdin=slave, stdout=subprocess.PIPE,
+                               stderr=slave, start_new_session=True, env=dict(os.environ))
+    os.close(slave)
+    try:
+        prompt = read_terminal(master, b": ")
+        assert prompt.startswith(b"MFA code for "), prompt
+        os.write(master, b"\x04")
+        transcript = read_terminal(master, b"entered\r\n", timeout=30)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        os.close(master)
+    assert transcript == b"\r\nimsa: error: no MFA code entered\r\n"
+    assert process.returncode == 4

@@ -601,7 +601,8 @@ def test_without_the_service_ecs_mode_exits_5_and_static_mode_still_works(isolat
 
 
 def test_usage_errors_exit_2(active_service):
-    for args in (["exec", "b"], ["exec", "b", "--"], ["exec", "b", "--mode", "static", "echo"]):
+    # Without a command imsa exec starts $SHELL (tests/test_shell.py); a command after options needs its --.
+    for args in (["exec", "b", "--mode", "static", "echo"], ["exec", "b", "--mode", "nope", "--", "true"]):
         done = run_imsa(*args, env=child_env())
         assert done.returncode == 2, (args, done.stderr)
 

@@ -1,0 +1,212 @@
+"""Shell set-up: the region hook (``imsa shell-init``), completion code (``imsa completion``) and ``unset`` lines.
+
+boto3, botocore and the AWS CLI v1 never read the region from IMDS: a shell without ``AWS_REGION`` /
+``AWS_DEFAULT_REGION`` fails with "You must specify a region" even though imsa serves the profile's region. The hook
+keeps both variables in step with the profile the service serves, at every prompt, without running a process:
+``imsa assume`` and ``imsa status`` write the active profile's region to REGION_FILE beside the control socket
+(0600, as the service's user), and the hook reads that one line with the shell's own ``read`` while the socket
+exists. It only ever changes variables it set itself (it remembers their value in HOOK_VARIABLE): a region the
+person exported, or one ``imsa export``/``imsa exec`` set for another profile, is left as it is.
+
+Light on purpose: ``eval "$(imsa shell-init bash)"`` runs in every new shell.
+"""
+
+import os
+import shlex
+
+from imsa import rundir
+
+SHELLS = ("bash", "zsh", "fish")
+REGION_FILE = "region"
+# The region the hook last exported; a region variable holding another value was set by someone else.
+HOOK_VARIABLE = "IMSA_SHELL_REGION"
+REGION_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION")
+# Set by the hook's ``imsa`` function for the command alone: the region follows the profile right after it.
+HOOK_MARK = "IMSA_SHELL_HOOK"
+# What ``imsa export`` may set, in the order it prints them: ``imsa export --unset`` removes all of them.
+EXPORTED_VARIABLES = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_CREDENTIAL_EXPIRATION",
+    "IMSA_PROFILE", "IMSA_PROFILE_EXPIRATION",
+) + REGION_VARIABLES
+
+
+# --- the region file ---
+
+
+def region_file(socket_path):
+    """Where the active profile's region is kept for the hook: beside the control socket."""
+    return os.path.join(os.path.dirname(os.path.abspath(socket_path)), REGION_FILE)
+
+
+def record_region(socket_path, region, owner_uid):
+    """Write *region* (None: remove the file) for the hook, when this process is the service's user *owner_uid*.
+
+    Anyone else (root talking to a user's service) writes nothing there: root touches no path the user controls.
+    The file is replaced atomically, so a prompt never reads half of it; nothing is followed through a symlink.
+    """
+    if os.geteuid() != owner_uid or os.geteuid() == 0:
+        return
+    path = region_file(socket_path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        pass
+    else:
+        try:
+            if region and os.read(fd, 64) == (region + "\n").encode("ascii"):
+                return  # already so: `imsa status` rewrites nothing
+        finally:
+            os.close(fd)
+    if not region:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    partial = f"{path}.{os.getpid()}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(partial, flags, 0o600)
+    except FileExistsError:
+        os.unlink(partial)
+        fd = os.open(partial, flags, 0o600)
+    try:
+        os.write(fd, (region + "\n").encode("ascii"))
+    finally:
+        os.close(fd)
+    os.replace(partial, path)
+
+
+# --- the hook ---
+
+
+def _places(uid=None):
+    """(control socket, region file) pairs in the order the CLI looks for its service (rundir.client_path)."""
+    return [(os.path.abspath(path), region_file(path)) for path in rundir.candidates(uid)]
+
+
+# bash and zsh share the function; only the way it is called at each prompt differs. It returns the status it
+# was called with (in `last`: zsh reserves `status`), so that prompts showing the last command's status still
+# show it. Patterns, not regular expressions, check the line read: no module to load, no process to start.
+_POSIX_FUNCTION = r"""
+_imsa_region() {
+    local last=$? sock file region=
+    set -- "${_imsa_places[@]}"
+    while [ $# -ge 2 ]; do
+        sock=$1 file=$2
+        shift 2
+        if [[ -S $sock ]]; then
+            if [[ -O ${sock%/*} && -O $file && -f $file ]]; then
+                read -r region < "$file"
+            fi
+            break
+        fi
+    done
+    [[ -n $region && $region != *[!a-z0-9-]* ]] || region=
+    local mine=${IMSA_SHELL_REGION-}
+    if [[ ${AWS_REGION-$mine} == "$mine" && ${AWS_DEFAULT_REGION-$mine} == "$mine" ]]; then
+        if [[ -n $region ]]; then
+            export AWS_REGION=$region AWS_DEFAULT_REGION=$region IMSA_SHELL_REGION=$region
+        elif [[ -n $mine ]]; then
+            unset AWS_REGION AWS_DEFAULT_REGION IMSA_SHELL_REGION
+        fi
+    fi
+    return $last
+}
+imsa() {
+    IMSA_SHELL_HOOK=1 command imsa "$@"
+    local last=$?
+    _imsa_region
+    return $last
+}
+"""
+
+_BASH_REGISTER = r"""
+if [[ ";${PROMPT_COMMAND-};" != *";_imsa_region;"* ]]; then
+    PROMPT_COMMAND="_imsa_region${PROMPT_COMMAND:+;$PROMPT_COMMAND}"
+fi
+_imsa_region
+"""
+
+_ZSH_REGISTER = r"""
+autoload -Uz add-zsh-hook
+add-zsh-hook precmd _imsa_region
+_imsa_region
+"""
+
+_FISH_FUNCTION = r"""
+function _imsa_region --on-event fish_prompt
+    set -l region
+    set -l places $_imsa_places
+    while set -q places[2]
+        set -l sock $places[1]
+        set -l file $places[2]
+        set -e places[1..2]
+        if test -S $sock
+            if test -O (string replace -r '/[^/]*$' '' -- $sock); and test -O $file; and test -f $file
+                read -l line < $file; and set region $line
+            end
+            break
+        end
+    end
+    string match -qr '^[a-z0-9-]+$' -- "$region"; or set region
+    set -l mine
+    set -q IMSA_SHELL_REGION; and set mine $IMSA_SHELL_REGION
+    set -l owned yes
+    for name in AWS_REGION AWS_DEFAULT_REGION
+        if set -q $name; and test "$$name" != "$mine"
+            set owned no
+        end
+    end
+    if test $owned = yes
+        if test -n "$region"
+            set -gx AWS_REGION $region
+            set -gx AWS_DEFAULT_REGION $region
+            set -gx IMSA_SHELL_REGION $region
+        else if test -n "$mine"
+            set -e AWS_REGION
+            set -e AWS_DEFAULT_REGION
+            set -e IMSA_SHELL_REGION
+        end
+    end
+end
+function imsa
+    IMSA_SHELL_HOOK=1 command imsa $argv
+    set -l status_was $status
+    _imsa_region
+    return $status_was
+end
+_imsa_region
+"""
+
+
+def fish_quote(value):
+    """Quote for fish, where only backslash and single quote are special inside single quotes."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def shell_init(shell, uid=None):
+    """The code that ``eval "$(imsa shell-init SHELL)"`` (fish: ``| source``) runs once in a new shell."""
+    places = [path for pair in _places(uid) for path in pair]
+    head = f"# imsa shell-init {shell}: AWS_REGION and AWS_DEFAULT_REGION follow the profile imsa serves\n"
+    if shell == "fish":
+        return head + "set -g _imsa_places " + " ".join(fish_quote(path) for path in places) + "\n" + _FISH_FUNCTION.lstrip("\n")
+    register = _BASH_REGISTER if shell == "bash" else _ZSH_REGISTER
+    return head + "_imsa_places=(" + " ".join(shlex.quote(path) for path in places) + ")" + _POSIX_FUNCTION + register.lstrip("\n")
+
+
+# --- completion and unset lines ---
+
+
+def completion(shell):
+    """argcomplete's completion code for ``imsa`` in *shell*: no ``register-python-argcomplete`` needed on PATH."""
+    import argcomplete
+
+    return argcomplete.shellcode(["imsa"], shell=shell)
+
+
+def unset_lines(fmt):
+    """The lines that undo ``imsa export`` in *fmt* (sh or fish)."""
+    if fmt == "fish":
+        return "".join(f"set -e {name};\n" for name in EXPORTED_VARIABLES)
+    return "unset " + " ".join(EXPORTED_VARIABLES) + "\n"
