@@ -134,9 +134,11 @@ class Client:
         """The session the service holds for *fingerprint* ({fingerprint, expiration}) or None."""
         return self._call("GET", f"/sessions/{fingerprint}", missing_ok=True)
 
-    def put_session(self, fingerprint, credentials):
-        """Hand a new MFA session (temporary credentials only) to the service."""
-        return self._call("POST", "/sessions", {"fingerprint": fingerprint, "credentials": credentials.to_json()})
+    def put_session(self, fingerprint, credentials, settings):
+        """Hand a new MFA session (temporary credentials only) to the service, with the StsSettings it was made
+        with: the service's AssumeRole calls from it reach STS the same way."""
+        return self._call("POST", "/sessions", {"fingerprint": fingerprint, "credentials": credentials.to_json(),
+                                                "sts": settings.to_json()})
 
     def activate(self, spec):
         """Make the profile of *spec* the one IMDS serves."""

@@ -65,13 +65,16 @@ def describe_left(expiration, now=None):
 
 def ensure_session(profile, client, mfa, io, sts_factory=None):
     """Make sure the service holds a session for *profile* with SESSION_MIN_LEFT; asks for MFA only if not."""
-    from imsa import sts
+    from imsa import sts, sts_settings
 
     held = client.session(profile.fingerprint)
     if held is not None and parse_time(held["expiration"]) - utcnow() >= SESSION_MIN_LEFT:
         return False
-    session = sts.new_session(profile, mfa, sts_factory or sts.sts_client)
-    client.put_session(profile.fingerprint, session)
+    # The STS settings this command uses go with the session: the service reaches STS the same way, whatever
+    # environment sudo or systemd gave it.
+    settings = sts_settings.resolve()
+    session = sts.new_session(profile, mfa, sts_factory or sts.sts_client, settings=settings)
+    client.put_session(profile.fingerprint, session, settings)
     io.say(f"imsa: new MFA session for {mask(profile.aws_access_key_id)}, valid until {format_time(session.expiration)}")
     return True
 
@@ -164,11 +167,14 @@ def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None,
     try:
         ensure_session(profile, client, mfa, io, factory)
     except ServiceNotRunning:
+        from imsa import sts_settings
+
+        settings = sts_settings.resolve()  # a configuration error is said before anything else
         io.say("imsa: the service is not running, so nothing is cached: MFA is asked every time (start it: imsa start)")
-        session = sts.new_session(profile, mfa, factory)
+        session = sts.new_session(profile, mfa, factory, settings=settings)
         if not profile.role_arn:
             return profile, session
-        return profile, sts.assume_role(session, profile.role_spec(), factory)
+        return profile, sts.assume_role(session, dict(profile.role_spec(), sts=settings), factory)
     return profile, Credentials.from_json(client.credentials(profile.role_spec()))
 
 

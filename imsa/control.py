@@ -13,6 +13,7 @@ from imsa.credentials import Credentials, format_time
 from imsa.errors import StsError
 from imsa.logs import RefusalLimiter, shown
 from imsa.store import RoleSpec, SpecError
+from imsa.sts_settings import StsSettings
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,11 @@ def create_app(store, owner_uid, info, on_stop, bindings=None):
         data = body()
         try:
             creds = Credentials.from_json(data.get("credentials"))
-            store.put_session(data.get("fingerprint"), creds)
+            # How the CLI reached STS for this session; the service's own environment never decides it.
+            if "sts" not in data:
+                raise ValueError("'sts' (how the session was made: endpoint, region, proxies, CA bundle) is required")
+            settings = StsSettings.from_json(data["sts"])
+            store.put_session(data.get("fingerprint"), creds, settings)
         except ValueError as error:
             raise BadRequest(str(error)) from None
         return jsonify(fingerprint=data["fingerprint"], expiration=format_time(creds.expiration))

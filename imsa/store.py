@@ -123,6 +123,7 @@ class Store:
         self._changed = False
         self._stopping = False
         self._sessions = {}
+        self._sts = {}
         self._entries = {}
         self._pins = {}
         self._active = None
@@ -131,14 +132,16 @@ class Store:
 
     # --- sessions ---
 
-    def put_session(self, fingerprint, credentials):
-        """Keep an MFA session pushed by the CLI; ValueError if it is already expired."""
+    def put_session(self, fingerprint, credentials, settings=None):
+        """Keep an MFA session pushed by the CLI, with the StsSettings it was made with (every AssumeRole from it
+        reaches STS that way); ValueError if it is already expired."""
         if not _is_fingerprint(fingerprint):
             raise ValueError("'fingerprint' must be 32 hex characters")
         if credentials.expired(self._clock()):
             raise ValueError("the session has already expired")
         with self._lock:
             self._sessions[fingerprint] = credentials
+            self._sts[fingerprint] = settings
             for spec, entry in self._entries.items():
                 if spec.fingerprint == fingerprint:
                     entry.failures, entry.retry_at, entry.error = 0, None, None
@@ -170,7 +173,9 @@ class Store:
         if session is None:
             raise StsError(f"no valid MFA session for profile {spec.profile!r}; run: imsa assume {spec.profile}")
         if spec.role_arn:
-            credentials = self._assume(session, _spec_dict(spec))
+            with self._lock:
+                settings = self._sts.get(spec.fingerprint)
+            credentials = self._assume(session, dict(_spec_dict(spec), sts=settings))
         else:
             credentials = session
         with self._lock:
@@ -229,6 +234,7 @@ class Store:
         served = self._served
         with self._lock:
             sessions = {fp: creds for fp, creds in self._sessions.items()}
+            settings = dict(self._sts)
             entry = self._entries.get(served.spec) if served else None
             error = entry.error if entry else None
         data = {"active": None, "sessions": []}
@@ -237,6 +243,7 @@ class Store:
                 "fingerprint": fingerprint,
                 "expiration": format_time(creds.expiration),
                 "valid": not creds.expired(now),
+                "sts": _describe(settings.get(fingerprint)),
             })
         if served:
             spec, creds = served.spec, served.credentials
@@ -251,6 +258,9 @@ class Store:
                 "valid": not creds.expired(now),
                 "session_expiration": format_time(session.expiration) if session else None,
                 "last_error": error,
+                # How this role's AssumeRole reaches STS: its session's settings, in the profile's own region.
+                "sts": _describe(settings[spec.fingerprint].for_region(spec.region))
+                if spec.role_arn and settings.get(spec.fingerprint) else None,
             }
         return data
 
@@ -262,6 +272,7 @@ class Store:
         with self._lock:
             for fingerprint in [fp for fp, creds in self._sessions.items() if creds.expired(now)]:
                 del self._sessions[fingerprint]
+                self._sts.pop(fingerprint, None)
                 log.info("session %s expired", fingerprint[:8])
             watched = set(self._pins)
             if self._active is not None:
@@ -368,6 +379,15 @@ def _window(credentials):
 
 def _due(credentials, now):
     return credentials.expiration - now <= _window(credentials)
+
+
+def _describe(settings):
+    """StsSettings for status (with the endpoint botocore resolves from them), or None."""
+    if settings is None:
+        return None
+    from imsa import sts
+
+    return sts.describe(settings)
 
 
 def _spec_dict(spec):

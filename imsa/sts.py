@@ -1,4 +1,9 @@
-"""STS calls (GetSessionToken, AssumeRole) and MFA codes; the client factory, clock and prompt are injected."""
+"""STS calls (GetSessionToken, AssumeRole) and MFA codes; the client factory, clock and prompt are injected.
+
+Clients reach STS exactly as an StsSettings value says (imsa/sts_settings.py) and nothing else: the botocore
+session behind them reads no environment variable and no config file, so the CLI's GetSessionToken and the
+service's AssumeRole from that session go the same way, whatever environment the service was started with.
+"""
 
 import logging
 import os
@@ -19,7 +24,6 @@ MFA_TYPOS = 5
 MFA_PROCESS_TIMEOUT = 60
 # mfa_process is split like a shell would but run without one: "a | b", "> f", "~" and "$X" are plain arguments.
 NO_SHELL = "mfa_process runs without a shell; for pipes, redirections, ~ or $VARIABLES use: sh -c '...'"
-DEFAULT_REGION = "us-east-1"
 
 
 class MfaRejected(StsError):
@@ -30,41 +34,101 @@ _shared = {}
 _shared_lock = threading.Lock()
 
 
-def _botocore_session():
-    """One botocore session per process: its loader caches the STS model after the first client."""
+def _botocore_session(regional_endpoints=None):
+    """A botocore session that reads no environment variable and no config file, one per STS regional-endpoint
+    mode (a session-wide setting in botocore); its loader caches the STS model after the first client."""
+    key = ("session", regional_endpoints)
     with _shared_lock:
-        if "session" not in _shared:
+        if key not in _shared:
             import botocore.session
 
-            _shared["session"] = botocore.session.get_session()
-        return _shared["session"]
+            # Every variable keeps botocore's default and loses its environment variable and config-file key:
+            # no AWS_PROFILE, AWS_CONFIG_FILE, AWS_ENDPOINT_URL_STS, AWS_CA_BUNDLE... of this process counts.
+            isolated = {
+                name: (None, None, default, convert)
+                for name, (_, _, default, convert) in botocore.session.Session.SESSION_VARIABLES.items()
+            }
+            isolated["config_file"] = (None, None, os.devnull, None)
+            isolated["credentials_file"] = (None, None, os.devnull, None)
+            if regional_endpoints:
+                isolated["sts_regional_endpoints"] = (None, None, regional_endpoints, None)
+            _shared[key] = botocore.session.Session(session_vars=isolated)
+        return _shared[key]
 
 
-def sts_client(access_key_id, secret_access_key, session_token=None, region=None):
-    """An STS client with explicit credentials; endpoint overrides (AWS_ENDPOINT_URL_STS) work as in boto3."""
+def sts_client(access_key_id, secret_access_key, session_token=None, settings=None):
+    """An STS client with explicit credentials that reaches STS as *settings* say (None: as this process's own
+    environment and AWS config file say, sts_settings.resolve()); nothing else changes where it goes."""
     import botocore.config
 
-    config = botocore.config.Config(
-        connect_timeout=5, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"}, proxies={}
-    )
-    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
-    session = _botocore_session()
-    with _shared_lock:
-        return session.create_client(
-            "sts",
-            region_name=region,
-            aws_access_key_id=access_key_id,
-            aws_secret_access_key=secret_access_key,
-            aws_session_token=session_token,
-            config=config,
+    from imsa import sts_settings
+
+    settings = settings or sts_settings.resolve()
+    session = _botocore_session(settings.sts_regional_endpoints)
+    verify = sts_settings.verify_for(settings)
+
+    def create(proxies):
+        config = botocore.config.Config(
+            connect_timeout=5, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"}, proxies=proxies,
+            use_fips_endpoint=settings.use_fips_endpoint, use_dualstack_endpoint=settings.use_dualstack_endpoint,
+            ignore_configured_endpoint_urls=True,
         )
+        with _shared_lock:
+            return session.create_client(
+                "sts",
+                region_name=settings.region,
+                endpoint_url=settings.endpoint_url,
+                verify=verify,
+                aws_access_key_id=access_key_id,
+                aws_secret_access_key=secret_access_key,
+                aws_session_token=session_token,
+                config=config,
+            )
+
+    client = create({})  # proxies={}: botocore would otherwise read them from this process's environment
+    proxy = settings.proxy_for(client.meta.endpoint_url)
+    if proxy:  # the endpoint is known only once botocore has resolved it; NO_PROXY is matched against it
+        client = create({client.meta.endpoint_url.split(":", 1)[0]: proxy})
+    return client
+
+
+# Endpoints resolved for status, by the settings that decide them; a handful of distinct ones in practice.
+_endpoints = {}
+ENDPOINT_CACHE = 64
+
+
+def endpoint_for(settings):
+    """The endpoint botocore resolves from *settings* (no request is made), or None if it cannot say."""
+    import dataclasses
+
+    key = (settings.region, settings.endpoint_url, settings.sts_regional_endpoints, settings.use_fips_endpoint,
+           settings.use_dualstack_endpoint)
+    if key not in _endpoints:
+        # Proxies and the CA bundle do not change the endpoint: leave them out, no in-memory file is made for it.
+        bare = dataclasses.replace(settings, http_proxy=None, https_proxy=None, ca_bundle=None)
+        try:
+            url = sts_client("AKIAENDPOINT00000000", "endpoint", None, bare).meta.endpoint_url
+        except Exception:  # status must answer whatever botocore thinks of a region
+            log.debug("cannot resolve the STS endpoint of %r", settings, exc_info=True)
+            return None
+        if len(_endpoints) >= ENDPOINT_CACHE:
+            _endpoints.clear()
+        _endpoints[key] = url
+    return _endpoints[key]
+
+
+def describe(settings):
+    """*settings* for ``imsa status --json``, with the endpoint botocore resolves from them (no secret)."""
+    return settings.describe(endpoint_for(settings))
 
 
 def preload():
     """Import boto3 and load the STS model now, while the files are readable (before privileges are dropped)."""
     import encodings.idna  # noqa: F401  (socket.getaddrinfo needs the codec; imported lazily otherwise)
 
-    sts_client("AKIAPRELOAD000000000", "preload")
+    from imsa import sts_settings
+
+    sts_client("AKIAPRELOAD000000000", "preload", None, sts_settings.StsSettings())
 
 
 def _sts_failure(error, action):
@@ -85,11 +149,15 @@ def _sts_failure(error, action):
     return StsError(f"STS {action} failed: {error}")
 
 
-def get_session_token(profile, code, client_factory=sts_client, now=utcnow):
-    """GetSessionToken with the profile's long-term keys (and MFA code, if it has a device)."""
+def get_session_token(profile, code, client_factory=sts_client, now=utcnow, settings=None):
+    """GetSessionToken with the profile's long-term keys (and MFA code, if it has a device), reaching STS as
+    *settings* say (None: as this process's environment says) in the profile's region."""
     import botocore.exceptions
 
-    client = client_factory(profile.aws_access_key_id, profile.aws_secret_access_key, None, profile.region)
+    from imsa import sts_settings
+
+    settings = (settings or sts_settings.resolve()).for_region(profile.region)
+    client = client_factory(profile.aws_access_key_id, profile.aws_secret_access_key, None, settings)
     params = {"DurationSeconds": profile.session_duration_seconds}
     if profile.mfa_serial_number:
         params["SerialNumber"] = profile.mfa_serial_number
@@ -103,10 +171,14 @@ def get_session_token(profile, code, client_factory=sts_client, now=utcnow):
 
 
 def assume_role(session, spec, client_factory=sts_client, now=utcnow):
-    """AssumeRole from MFA-session credentials; *spec* is a Profile.role_spec() dict."""
+    """AssumeRole from MFA-session credentials; *spec* is a Profile.role_spec() dict. Its ``sts`` entry (the
+    StsSettings the session was made with) says how to reach STS; without one, this process's environment does."""
     import botocore.exceptions
 
-    client = client_factory(session.access_key_id, session.secret_access_key, session.session_token, spec.get("region"))
+    from imsa import sts_settings
+
+    settings = (spec.get("sts") or sts_settings.resolve()).for_region(spec.get("region"))
+    client = client_factory(session.access_key_id, session.secret_access_key, session.session_token, settings)
     params = {
         "RoleArn": spec["role_arn"],
         "RoleSessionName": spec["role_session_name"],
@@ -237,14 +309,18 @@ class MfaSource:
         raise MfaError(f"no 6-digit MFA code after {MFA_TYPOS} tries")
 
 
-def new_session(profile, mfa, client_factory=sts_client, now=utcnow):
-    """GetSessionToken, asking again for a refused MFA code up to MFA_ATTEMPTS times."""
+def new_session(profile, mfa, client_factory=sts_client, now=utcnow, settings=None):
+    """GetSessionToken, asking again for a refused MFA code up to MFA_ATTEMPTS times; *settings* as in
+    get_session_token."""
+    from imsa import sts_settings
+
+    settings = settings or sts_settings.resolve()
     if not profile.mfa_serial_number:
-        return get_session_token(profile, None, client_factory, now)
+        return get_session_token(profile, None, client_factory, now, settings)
     attempts = MFA_ATTEMPTS if mfa.can_retry else 1
     for attempt in range(1, attempts + 1):
         try:
-            return get_session_token(profile, mfa.code(), client_factory, now)
+            return get_session_token(profile, mfa.code(), client_factory, now, settings)
         except MfaRejected as error:
             if not mfa.can_retry:
                 raise MfaError(f"{error}; run the command again with the current code") from None

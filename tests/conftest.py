@@ -44,6 +44,9 @@ _SCRUB = (
     "SUDO_UID", "SUDO_GID", "SUDO_USER", "SUDO_COMMAND",
     # A suite started by a systemd unit: the service's log format would follow the journal's.
     "JOURNAL_STREAM",
+    # How STS is reached (imsa/sts_settings.py): a test sets what it means to use.
+    "AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "AWS_STS_REGIONAL_ENDPOINTS", "AWS_USE_FIPS_ENDPOINT",
+    "AWS_USE_DUALSTACK_ENDPOINT", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
 )
 
 

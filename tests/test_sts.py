@@ -46,9 +46,9 @@ class StubbedSts:
         self.stubber = Stubber(self.client)
         self.factory_calls = []
 
-    def factory(self, access_key_id, secret_access_key, session_token=None, region=None):
-        """Stands in for sts.sts_client."""
-        self.factory_calls.append((access_key_id, secret_access_key, session_token, region))
+    def factory(self, access_key_id, secret_access_key, session_token=None, settings=None):
+        """Stands in for sts.sts_client; records the region of the settings it was given."""
+        self.factory_calls.append((access_key_id, secret_access_key, session_token, settings.region))
         return self.client
 
     def refuse_mfa(self, times=1):
@@ -108,7 +108,7 @@ def test_get_session_token_sends_duration_serial_and_code(stub):
     creds = sts.get_session_token(profile(), "123456", stub.factory, now=lambda: NOW)
     assert creds.access_key_id == "ASIASESSION000000001"
     assert creds.expiration == NOW + datetime.timedelta(hours=12)
-    assert stub.factory_calls == [(KEY_ID, SECRET, None, None)]  # the long-term keys, no token
+    assert stub.factory_calls == [(KEY_ID, SECRET, None, "us-east-1")]  # the long-term keys, no token
 
 
 def test_get_session_token_uses_the_profiles_session_duration_and_region(stub):
