@@ -123,11 +123,32 @@ def describe(settings):
 
 
 def preload():
-    """Import boto3 and load the STS model now, while the files are readable (before privileges are dropped)."""
+    """Before the privilege drop, while the interpreter's files are surely readable: import what an STS call needs,
+    load the STS model, and keep botocore's default CA bundle in memory.
+
+    After the drop the served user may not be able to read the Python installation (an interpreter under /root):
+    certifi could then not even say where its bundle is, and OpenSSL could not read it. The service's clients use
+    the copy kept here (sts_settings.verify_for) unless the session's settings bring a bundle of their own. A bundle
+    that cannot be read now stops the start with the reason.
+    """
     import encodings.idna  # noqa: F401  (socket.getaddrinfo needs the codec; imported lazily otherwise)
 
-    from imsa import sts_settings
+    import botocore.httpsession
 
+    from imsa import sts_settings
+    from imsa.errors import ServiceError
+
+    path = botocore.httpsession.get_cert_path(True)
+    try:
+        pem = sts_settings.read_bundle(path, "botocore's default CA bundle")
+    except sts_settings.ConfigError as error:
+        raise ServiceError(f"{error}; the service needs it to reach STS over TLS") from None
+    sts_settings.keep_default_bundle(pem)
+    try:
+        os.stat(sts_settings.ca_file(pem))
+    except OSError as error:
+        raise ServiceError(f"cannot keep a CA bundle in memory ({error.strerror}: is /proc mounted?); the service "
+                           f"needs one to reach STS over TLS") from None
     sts_client("AKIAPRELOAD000000000", "preload", None, sts_settings.StsSettings())
 
 

@@ -6,8 +6,9 @@ service makes from that session uses them. STS clients are built from this value
 ``sudo`` or systemd left in the service's environment, ``AWS_PROFILE`` and the user's files play no part there.
 
 The CA bundle travels as its certificates (PEM text), not as a path: the service runs as another process, often
-started by root or systemd, and may not be able to read the user's file. Each distinct bundle becomes an in-memory
-file (memfd) that OpenSSL opens through /proc/self/fd; nothing is written to disk.
+started by root or systemd, and may not be able to read the user's file; after the privilege drop it may not read
+the interpreter's own bundle either. Each distinct bundle becomes an in-memory file (memfd) that OpenSSL opens
+through /proc/self/fd; nothing is written to disk.
 """
 
 import dataclasses
@@ -364,11 +365,19 @@ def resolve(environ=None):
 
 _files = {}
 _files_lock = threading.Lock()
+_default = {}
+
+
+def keep_default_bundle(pem):
+    """Use *pem* wherever the settings name no CA bundle (the service keeps botocore's own bundle in memory before
+    the privilege drop: the interpreter's directory may not be readable after it)."""
+    _default["pem"] = pem
 
 
 def verify_for(settings):
     """botocore's ``verify`` for *settings*: an in-memory file with their CA bundle, or True for botocore's own."""
-    return ca_file(settings.ca_bundle) if settings.ca_bundle else True
+    pem = settings.ca_bundle or _default.get("pem")
+    return ca_file(pem) if pem else True
 
 
 def ca_file(pem):

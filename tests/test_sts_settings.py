@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import (
-    HERE, MFA_CODE, SERVICE_UID, needs_root, one_error_line, run_imsa, shared_tmpdir,
+    HERE, MFA_CODE, SERVICE_UID, needs_root, one_error_line, run_imsa, service_user_args, shared_tmpdir,
     start_service, start_sts, stop_process, write_config,
 )
 from imsa import sts, sts_settings
@@ -214,6 +214,76 @@ def test_a_proxy_that_is_not_a_url_is_a_configuration_error(isolated_env, sts_se
                     env=dict(os.environ, AWS_ENDPOINT_URL_STS=sts_server.endpoint, HTTPS_PROXY="ftp://proxy:21"))
     line = one_error_line(done, 3)
     assert "HTTPS_PROXY" in line and "http://" in line
+
+
+# --- the interpreter the service's user cannot read ---
+
+
+@needs_root("needs root: the service drops to another user")
+@pytest.mark.skipif(not _can_unshare("-m"), reason="needs unshare(1) to make a private mount namespace")
+def test_the_service_makes_https_calls_after_the_drop_from_an_interpreter_its_user_cannot_read(
+        isolated_env, sts_server, certificate):
+    # The interpreter, its standard library and every package are seen through a directory only root can enter
+    # (a bind mount of / in a private mount namespace), as with a pyenv under /root: after the drop the service
+    # cannot import or read anything more from there. STS is reached over TLS with botocore's default CA bundle,
+    # as for real AWS: in the service's namespace and the CLI's, that bundle is the test CA (bound over it).
+    import certifi
+
+    default_bundle = certifi.where()
+    hidden = tempfile.mkdtemp(prefix="imsa-hidden-")
+    os.chmod(hidden, 0o700)
+    root = os.path.join(hidden, "root")
+    os.mkdir(root)
+    front = StsFront(sts_server.endpoint, certificate)
+    service = None
+    try:
+        python = root + os.path.realpath(sys.executable)
+        imsa_root = os.path.dirname(os.path.dirname(os.path.abspath(sts.__file__)))
+        packages = os.path.dirname(os.path.dirname(os.path.abspath(pytest.__file__)))
+        # The service's own environment leads to the same STS (as it did when this failed): only the unreadable
+        # interpreter stands in the way.
+        env = dict(os.environ, PYTHONPATH=f"{root}{imsa_root}:{root}{packages}", AWS_ENDPOINT_URL_STS=front.endpoint)
+        argv = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                'mount --rbind / "$1" && mount --bind "$2" "$1$3" && shift 3 && exec "$@"',
+                "sh", root, certificate[0], default_bundle,
+                python, "-m", "imsa", "--verbose", "start", "--foreground", "--listen", "127.0.0.1:0",
+                *service_user_args()]
+        log = tempfile.NamedTemporaryFile(prefix="imsa-hidden-service-", suffix=".log", delete=False)
+        process = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd="/")
+        service = (process, log.name)
+        waiting = Client(timeout=2)
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, open(log.name).read()
+            assert time.monotonic() < deadline, open(log.name).read()
+            try:
+                if waiting.status()["pid"] == process.pid:
+                    break
+            except ServiceNotRunning:
+                pass
+            time.sleep(0.05)
+        with open(f"/proc/{process.pid}/maps") as handle:
+            assert root in handle.read(), "the precondition: the service runs the interpreter under the hidden path"
+        unreadable = subprocess.run(["setpriv", f"--reuid={SERVICE_UID}", f"--regid={SERVICE_UID}", "--clear-groups",
+                                     "test", "-r", python], capture_output=True)
+        assert unreadable.returncode != 0, "the precondition: the service's user cannot read the interpreter"
+        write_config(isolated_env, sts_server)
+        done = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"',
+             "sh", certificate[0], default_bundle, sys.executable, "-m", "imsa", "assume", "a", "--mfa-token", MFA_CODE],
+            capture_output=True, text=True, env=dict(os.environ, AWS_ENDPOINT_URL_STS=front.endpoint), timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert done.returncode == 0, done.stderr + open(log.name).read()[-3000:]
+        assert front.actions() == ["GetSessionToken", "AssumeRole"]
+        assert status_json()["sessions"][0]["sts"]["ca_bundle"] is None  # the service used its own default bundle
+    finally:
+        front.close()
+        if service is not None:
+            stop_process(service[0])
+            os.unlink(service[1])
+        os.rmdir(root)  # the mounts existed in the service's namespace only
+        os.rmdir(hidden)
 
 
 # --- AWS_PROFILE and ~/.aws/config ---
