@@ -6,11 +6,13 @@ service's AssumeRole from that session go the same way, whatever environment the
 """
 
 import logging
+import math
 import os
 import re
 import shlex
 import subprocess
 import threading
+import time
 
 from imsa.credentials import Credentials, mask, utcnow
 from imsa.errors import MfaError, StsError
@@ -24,6 +26,15 @@ MFA_TYPOS = 5
 MFA_PROCESS_TIMEOUT = 60
 # mfa_process is split like a shell would but run without one: "a | b", "> f", "~" and "$X" are plain arguments.
 NO_SHELL = "mfa_process runs without a shell; for pipes, redirections, ~ or $VARIABLES use: sh -c '...'"
+# Every STS call is bounded: STS_ATTEMPTS tries, each with these connect and read timeouts (a real STS answers
+# in well under a second). STS_BUDGET is the most one call can take, with the standard retry mode's backoff
+# before the second try (under 1 s). It must stay well inside client.TIMEOUT, the 30 s the CLI waits for the
+# service: an STS that accepts and never answers is then reported as STS's failure (exit 4) by the service too,
+# not as a service that did not answer (exit 5). tests/test_sts_settings.py checks the two numbers.
+STS_CONNECT_TIMEOUT = 3
+STS_READ_TIMEOUT = 6
+STS_ATTEMPTS = 2
+STS_BUDGET = STS_ATTEMPTS * (STS_CONNECT_TIMEOUT + STS_READ_TIMEOUT) + 1
 
 
 class MfaRejected(StsError):
@@ -69,7 +80,8 @@ def sts_client(access_key_id, secret_access_key, session_token=None, settings=No
 
     def create(proxies):
         config = botocore.config.Config(
-            connect_timeout=5, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"}, proxies=proxies,
+            connect_timeout=STS_CONNECT_TIMEOUT, read_timeout=STS_READ_TIMEOUT,
+            retries={"total_max_attempts": STS_ATTEMPTS, "mode": "standard"}, proxies=proxies,
             use_fips_endpoint=settings.use_fips_endpoint, use_dualstack_endpoint=settings.use_dualstack_endpoint,
             ignore_configured_endpoint_urls=True,
         )
@@ -152,7 +164,7 @@ def preload():
     sts_client("AKIAPRELOAD000000000", "preload", None, sts_settings.StsSettings())
 
 
-def _sts_failure(error, action):
+def _sts_failure(error, action, elapsed=None):
     """Turn a botocore exception into an StsError with one readable line."""
     import botocore.exceptions
 
@@ -163,6 +175,11 @@ def _sts_failure(error, action):
         if "MultiFactorAuthentication" in message or code == "InvalidClientTokenId" and "MFA" in message:
             return MfaRejected(f"STS refused the MFA code ({code}: {message})")
         return StsError(f"STS {action} failed: {code}: {message}")
+    if isinstance(error, (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)):
+        waited = f"within {math.ceil(elapsed)} s" if elapsed is not None else f"within {STS_BUDGET} s"
+        endpoint = error.kwargs.get("endpoint_url") or "its endpoint"
+        return StsError(f"STS did not answer {waited} ({action} at {endpoint}, {STS_ATTEMPTS} attempts); "
+                        f"check the endpoint, proxy and network (README, \"How imsa reaches STS\")")
     if isinstance(error, botocore.exceptions.NoRegionError):
         return StsError(f"STS {action} failed: no region")
     if isinstance(error, botocore.exceptions.BotoCoreError):
@@ -184,10 +201,11 @@ def get_session_token(profile, code, client_factory=sts_client, now=utcnow, sett
         params["SerialNumber"] = profile.mfa_serial_number
         params["TokenCode"] = code
     log.info("GetSessionToken for %s", mask(profile.aws_access_key_id))
+    started = time.monotonic()
     try:
         answer = client.get_session_token(**params)
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-        raise _sts_failure(error, "GetSessionToken") from error
+        raise _sts_failure(error, "GetSessionToken", time.monotonic() - started) from error
     return Credentials.from_sts(answer["Credentials"], now())
 
 
@@ -208,10 +226,11 @@ def assume_role(session, spec, client_factory=sts_client, now=utcnow):
     if spec.get("external_id"):
         params["ExternalId"] = spec["external_id"]
     log.info("AssumeRole %s as %s", spec["role_arn"], spec["role_session_name"])
+    started = time.monotonic()
     try:
         answer = client.assume_role(**params)
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-        raise _sts_failure(error, "AssumeRole") from error
+        raise _sts_failure(error, "AssumeRole", time.monotonic() - started) from error
     return Credentials.from_sts(answer["Credentials"], now())
 
 

@@ -1,5 +1,6 @@
-"""Loopback stand-ins for the network between imsa and STS: an HTTPS front to the fake STS (which can also hang
-chosen actions), a forward proxy that records what went through it, and a decoy that records any connection.
+"""Loopback stand-ins for the network between imsa and STS: an HTTPS front to the fake STS (which can leave chosen
+actions unanswered), a forward proxy that records what went through it, an STS that never answers, and a decoy
+that records any connection at all.
 
 Everything listens on 127.0.0.1 and connects only to 127.0.0.1: the proxy refuses any other target.
 """
@@ -256,6 +257,19 @@ class ForwardProxy(_Listener):
     def connects(self):
         """The targets of every CONNECT so far."""
         return [entry[1] for entry in self.seen() if entry[0] == "CONNECT"]
+
+
+class Hung(_Listener):
+    """Accepts connections and never answers them (they are held until close()); records one entry each."""
+
+    @property
+    def endpoint(self):
+        """An http:// URL that leads here."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def handle(self, sock):
+        self.record("accepted")
+        self.closed.wait(HOLD)
 
 
 class Decoy(_Listener):

@@ -1,5 +1,5 @@
-"""How imsa reaches STS: the CLI's settings go to the service with the session; proxies, CA bundles, AWS_PROFILE
-and a broken ~/.aws/config. Real processes, real sockets; every peer is on 127.0.0.1 (or inside a
+"""How imsa reaches STS: the CLI's settings go to the service with the session; proxies, CA bundles, a hung STS,
+AWS_PROFILE and a broken ~/.aws/config. Real processes, real sockets; every peer is on 127.0.0.1 (or inside a
 network namespace the test makes)."""
 
 import hashlib
@@ -17,11 +17,11 @@ from conftest import (
     HERE, MFA_CODE, SERVICE_UID, needs_root, one_error_line, run_imsa, service_user_args, shared_tmpdir,
     start_service, start_sts, stop_process, write_config,
 )
-from imsa import sts, sts_settings
+from imsa import client, sts, sts_settings
 from imsa.client import Client
 from imsa.errors import ConfigError, ServiceNotRunning
 from imsa.sts_settings import SettingsError, StsSettings
-from sts_network import Decoy, ForwardProxy, StsFront, make_certificate
+from sts_network import Decoy, ForwardProxy, Hung, StsFront, make_certificate
 
 
 def _can_unshare(flag):
@@ -284,6 +284,45 @@ def test_the_service_makes_https_calls_after_the_drop_from_an_interpreter_its_us
             os.unlink(service[1])
         os.rmdir(root)  # the mounts existed in the service's namespace only
         os.rmdir(hidden)
+
+
+# --- a hung STS ---
+
+
+def test_sts_budget_is_well_inside_the_time_the_cli_waits_for_the_service():
+    assert client.TIMEOUT == 30
+    assert sts.STS_BUDGET == 2 * (3 + 6) + 1
+    assert sts.STS_BUDGET + 10 <= client.TIMEOUT  # room for the service's own work around the call
+
+
+def test_a_hung_sts_is_reported_by_the_cli_as_sts_not_answering(isolated_env, sts_server):
+    hung = Hung()
+    try:
+        write_config(isolated_env, sts_server)
+        done = run_imsa("export", "a", "--mfa-token", MFA_CODE, env=dict(os.environ, AWS_ENDPOINT_URL_STS=hung.endpoint))
+        assert done.returncode == 4, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("imsa: error: STS did not answer within ") and hung.endpoint in last, done.stderr
+        assert hung.seen() == ["accepted"] * sts.STS_ATTEMPTS
+    finally:
+        hung.close()
+
+
+def test_a_hung_assume_role_in_the_service_is_an_sts_error_before_the_cli_gives_up(isolated_env, sts_server,
+                                                                                  own_service):
+    front = StsFront(sts_server.endpoint, hang={"AssumeRole"})
+    try:
+        # The service's own environment names the same STS, as in the report: only the budget decides the answer.
+        own_service(env=dict(os.environ, AWS_ENDPOINT_URL_STS=front.endpoint))
+        write_config(isolated_env, sts_server)
+        done = run_imsa("assume", "a", "--mfa-token", MFA_CODE,
+                        env=dict(os.environ, AWS_ENDPOINT_URL_STS=front.endpoint))
+        line = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 4, done.stderr  # 5 would be the CLI's own timeout: the service did not answer
+        assert line.startswith("imsa: error: STS did not answer within ") and "AssumeRole" in line, done.stderr
+        assert front.seen()[1:] == [("AssumeRole", "hung")] * sts.STS_ATTEMPTS
+    finally:
+        front.close()
 
 
 # --- AWS_PROFILE and ~/.aws/config ---
