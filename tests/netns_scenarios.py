@@ -425,7 +425,8 @@ def readme_install():
     """The README's "Install", as a person follows it: the install, then `sudo imsa start`, `imsa assume`, `aws sts
     get-caller-identity` with no endpoint variable, then `sudo imsa install-service` (systemd is not running here: a
     stand-in systemctl records what it is asked). Every line is run as a real unprivileged user (IMSA_TEST_OWNER)
-    with a real sudoers rule: the README's env_keep line and NOPASSWD for all, as an administrator has it.
+    with a real sudoers rule: NOPASSWD for all and no env_keep (sudo drops AWS_ENDPOINT_URL_STS: the service gets
+    the STS settings from the CLI), as an administrator has it.
 
     /opt, /usr/local/bin, /usr/local/sbin, /etc/systemd/system, /etc/sudoers.d and /tmp are tmpfs of this mount
     namespace: the machine's stay as they are. pip reaches no index: a pip.conf in the new environment points it at
@@ -443,7 +444,7 @@ def readme_install():
     blocks = _readme_blocks("Install")
     shell_blocks = [lines for language, lines in blocks if language == "sh"]
     install, by_hand, at_boot = shell_blocks[:3]
-    sudoers = next(lines for language, lines in blocks if language == "")
+    sudoers = next((lines for language, lines in blocks if language == ""), [])  # the README asks for none
     private_dirs(("/tmp", "1777"), ("/opt", "0755"), ("/usr/local/bin", "0755"), ("/usr/local/sbin", "0755"),
                  ("/etc/systemd/system", "0755"))
     # Debian's and Ubuntu's own secure_path, stated here so that the test does not depend on this machine's.
