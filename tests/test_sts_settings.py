@@ -68,9 +68,24 @@ def certificate():
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def status_json(env=None):
-    done = run_imsa("status", "--json", env=env)
-    return json.loads(done.stdout)
+def status_json():
+    """What ``imsa status --json`` prints."""
+    return json.loads(run_imsa("status", "--json").stdout)
+
+
+def wait_until_serving(process, log_path, timeout=30):
+    """Poll the control socket until the service started as *process* answers (fails if it exits first)."""
+    waiting = Client(timeout=2)
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, open(log_path).read()
+        assert time.monotonic() < deadline, open(log_path).read()
+        try:
+            if waiting.status()["pid"] == process.pid:
+                return
+        except ServiceNotRunning:
+            pass
+        time.sleep(0.05)
 
 
 # --- the settings travel with the session ---
@@ -251,17 +266,7 @@ def test_the_service_makes_https_calls_after_the_drop_from_an_interpreter_its_us
         log = tempfile.NamedTemporaryFile(prefix="imsa-hidden-service-", suffix=".log", delete=False)
         process = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd="/")
         service = (process, log.name)
-        waiting = Client(timeout=2)
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, open(log.name).read()
-            assert time.monotonic() < deadline, open(log.name).read()
-            try:
-                if waiting.status()["pid"] == process.pid:
-                    break
-            except ServiceNotRunning:
-                pass
-            time.sleep(0.05)
+        wait_until_serving(process, log.name)
         with open(f"/proc/{process.pid}/maps") as handle:
             assert root in handle.read(), "the precondition: the service runs the interpreter under the hidden path"
         unreadable = subprocess.run(["setpriv", f"--reuid={SERVICE_UID}", f"--regid={SERVICE_UID}", "--clear-groups",
@@ -338,30 +343,26 @@ def test_a_stray_aws_profile_or_a_broken_credentials_file_changes_nothing_for_ex
     assert "export AWS_ACCESS_KEY_ID=" in done.stdout
 
 
-def test_a_service_started_with_a_stray_aws_profile_and_a_broken_config_file_serves(isolated_env, sts_server):
-    # Not as root (root clears AWS_PROFILE): the service runs as its user from the start, as under systemd.
-    broken = isolated_env / "broken-config"
-    broken.write_text("region = us-east-1\n[default\n")
-    os.chmod(isolated_env, 0o755)
-    os.chmod(broken, 0o644)
-    env = dict(os.environ, AWS_PROFILE="no-such-profile", AWS_CONFIG_FILE=str(broken))
+@pytest.mark.parametrize("setting", ["stray AWS_PROFILE", "broken AWS config file"])
+def test_a_service_started_with_a_stray_aws_profile_or_a_broken_config_file_serves(isolated_env, sts_server, setting):
+    # Not as root (root clears AWS_PROFILE and names no config file): the service runs as its user from the start,
+    # as under systemd, with the user's environment.
+    directory = shared_tmpdir("imsa-aws-config-")
+    broken = os.path.join(directory, "config")
+    with open(broken, "w") as handle:
+        handle.write("region = us-east-1\n[default\n")
+    os.chmod(broken, 0o644)  # readable by the service's user: it must not matter
+    if setting == "stray AWS_PROFILE":
+        env = dict(os.environ, AWS_PROFILE="no-such-profile")
+    else:
+        env = dict(os.environ, AWS_CONFIG_FILE=broken)
     argv = [sys.executable, "-m", "imsa", "start", "--foreground", "--listen", "127.0.0.1:0"]
     if os.geteuid() == 0:
         argv = ["setpriv", f"--reuid={SERVICE_UID}", f"--regid={SERVICE_UID}", "--clear-groups", *argv]
     log = tempfile.NamedTemporaryFile(prefix="imsa-stray-", suffix=".log", delete=False)
     process = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd="/")
     try:
-        waiting = Client(timeout=2)
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, open(log.name).read()
-            assert time.monotonic() < deadline, open(log.name).read()
-            try:
-                if waiting.status()["pid"] == process.pid:
-                    break
-            except ServiceNotRunning:
-                pass
-            time.sleep(0.05)
+        wait_until_serving(process, log.name)
         write_config(isolated_env, sts_server)
         done = run_imsa("assume", "a", "--mfa-token", MFA_CODE,
                         env=dict(os.environ, AWS_ENDPOINT_URL_STS=sts_server.endpoint, AWS_PROFILE="no-such-profile"))
@@ -369,6 +370,7 @@ def test_a_service_started_with_a_stray_aws_profile_and_a_broken_config_file_ser
     finally:
         stop_process(process)
         os.unlink(log.name)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.mark.parametrize("text", ["region = us-east-1\n[default]\n", "[default\nregion = us-east-1\n",
