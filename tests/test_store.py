@@ -243,7 +243,10 @@ def live_imds(world):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     yield clock, sts, store, f"http://127.0.0.1:{port}"
-    server.close()
+    # Closed in the loop's own thread (a close from here raced its poll: EBADF in that thread), then waited for.
+    server.trigger.pull_trigger(server.close)
+    thread.join(timeout=10)
+    server.task_dispatcher.shutdown(timeout=2)
 
 
 def fetch(endpoint):
