@@ -240,25 +240,34 @@ def sts_env(sts_server, monkeypatch):
     return sts_server
 
 
-def write_config(home, sts_server, extra=None, mode=0o600):
-    """A ~/.imsa with profiles a..d (roles A..D), all sharing alice's keys and MFA device."""
+def alice_profiles(sts_server, **roles):
+    """Profiles on alice's keys and MFA device: 'base' with them, and for each NAME=(ROLE, SESSION NAME) of *roles* a
+    profile NAME extending it, for the fake STS's role ROLE (e.g. ``a=("role-a", "tester-a")``)."""
     alice = sts_server.users["alice"]
-    profiles = {
-        "base": {
-            "aws_access_key_id": alice["aws_access_key_id"],
-            "aws_secret_access_key": alice["aws_secret_access_key"],
-            "mfa_serial_number": MFA_SERIAL,
-        },
-    }
-    for name in ("a", "b", "c", "d"):
-        profiles[name] = {"extends": "base", "role_arn": sts_server.roles[f"role-{name}"], "role_session_name": f"tester-{name}"}
-    profiles.update(extra or {})
+    profiles = {"base": {"aws_access_key_id": alice["aws_access_key_id"],
+                         "aws_secret_access_key": alice["aws_secret_access_key"], "mfa_serial_number": MFA_SERIAL}}
+    for name, (role, session_name) in roles.items():
+        profiles[name] = {"extends": "base", "role_arn": sts_server.roles[role], "role_session_name": session_name}
+    return profiles
+
+
+def write_profiles(path, profiles, owner=None, mode=0o600):
+    """*profiles* as YAML at *path* (str or Path), mode *mode*, owned by *owner* (uid, gid) when given."""
     import yaml
 
-    path = home / ".imsa"
-    path.write_text(yaml.safe_dump(profiles))
+    with open(path, "w") as handle:
+        yaml.safe_dump(profiles, handle)
     os.chmod(path, mode)
+    if owner is not None:
+        os.chown(path, *owner)
     return path
+
+
+def write_config(home, sts_server, extra=None, mode=0o600):
+    """A ~/.imsa with profiles a..d (roles A..D), all sharing alice's keys and MFA device."""
+    profiles = alice_profiles(sts_server, **{name: (f"role-{name}", f"tester-{name}") for name in "abcd"})
+    profiles.update(extra or {})
+    return write_profiles(home / ".imsa", profiles, mode=mode)
 
 
 class Service:

@@ -88,9 +88,7 @@ def real_address():
     import tempfile
     import time
 
-    import yaml
-
-    from conftest import MFA_SERIAL, MFA_CODE, service_run_dir, start_sts
+    from conftest import MFA_CODE, alice_profiles, service_run_dir, start_sts, write_profiles
     from imsa.client import Client
 
     import shutil
@@ -102,17 +100,8 @@ def real_address():
     run_dir = service_run_dir("imsa-run-")
     try:
         os.chown(home, user, user)
-        alice = sts.users["alice"]
-        profiles = {
-            "base": {"aws_access_key_id": alice["aws_access_key_id"],
-                     "aws_secret_access_key": alice["aws_secret_access_key"], "mfa_serial_number": MFA_SERIAL},
-            "a": {"extends": "base", "role_arn": sts.roles["role-a"], "role_session_name": "netns-a"},
-        }
-        config = os.path.join(home, ".imsa")
-        with open(config, "w") as handle:
-            yaml.safe_dump(profiles, handle)
-        os.chmod(config, 0o600)
-        os.chown(config, user, user)
+        config = write_profiles(os.path.join(home, ".imsa"), alice_profiles(sts, a=("role-a", "netns-a")),
+                                owner=(user, user))
         socket_path = os.path.join(run_dir, "run", "control.sock")
         env = {
             "PATH": os.path.dirname(sys.executable) + ":/usr/sbin:/usr/bin:/sbin:/bin",
@@ -311,18 +300,9 @@ def _owner_controls(path, owner_uid):
 
 def _write_profile(sts, name, session_name):
     """$IMSA_CONFIG with alice's keys and MFA device as 'base', and profile *name* for role-NAME on top of it."""
-    import yaml
+    from conftest import alice_profiles, write_profiles
 
-    from conftest import MFA_SERIAL
-
-    alice = sts.users["alice"]
-    with open(os.environ["IMSA_CONFIG"], "w") as handle:
-        yaml.safe_dump({
-            "base": {"aws_access_key_id": alice["aws_access_key_id"],
-                     "aws_secret_access_key": alice["aws_secret_access_key"], "mfa_serial_number": MFA_SERIAL},
-            name: {"extends": "base", "role_arn": sts.roles[f"role-{name}"], "role_session_name": session_name},
-        }, handle)
-    os.chmod(os.environ["IMSA_CONFIG"], 0o600)
+    write_profiles(os.environ["IMSA_CONFIG"], alice_profiles(sts, **{name: (f"role-{name}", session_name)}))
 
 
 # --- private mounts: scenarios run under `unshare -m -n` change files for themselves only ---

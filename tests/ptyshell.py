@@ -19,9 +19,8 @@ import termios
 import time
 
 import pytest
-import yaml
 
-from conftest import MFA_SERIAL
+from conftest import alice_profiles, write_profiles
 
 VENV_BIN = os.path.dirname(sys.executable)
 IMSA = os.path.join(VENV_BIN, "imsa")
@@ -117,17 +116,9 @@ class ShellUser:
             "setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups"]
         self.home = tempfile.mkdtemp(prefix="imsa-shell-home-")
         os.chmod(self.home, 0o755)
-        alice = sts.users["alice"]
-        config = os.path.join(self.home, ".imsa")
-        with open(config, "w") as handle:
-            yaml.safe_dump({
-                "base": {"aws_access_key_id": alice["aws_access_key_id"],
-                         "aws_secret_access_key": alice["aws_secret_access_key"], "mfa_serial_number": MFA_SERIAL},
-                "a": {"extends": "base", "role_arn": sts.roles["role-a"], "role_session_name": "shell-a"},
-                "r": {"extends": "base", "role_arn": sts.roles["role-d"], "role_session_name": "shell-r",
-                      "region": "us-west-2"},
-            }, handle)
-        os.chmod(config, 0o600)
+        profiles = alice_profiles(sts, a=("role-a", "shell-a"), r=("role-d", "shell-r"))
+        profiles["r"]["region"] = "us-west-2"
+        config = write_profiles(os.path.join(self.home, ".imsa"), profiles)
         if self.prefix:
             os.chown(self.home, self.uid, self.gid)
             os.chown(config, self.uid, self.gid)

@@ -24,9 +24,7 @@ def sudo_bare_environment():
     import shutil
     import tempfile
 
-    import yaml
-
-    from conftest import MFA_CODE, MFA_SERIAL, start_sts
+    from conftest import MFA_CODE, alice_profiles, start_sts, write_profiles
 
     owner = pwd.getpwnam(os.environ["IMSA_TEST_OWNER"])
     imsa = os.path.join(os.path.dirname(sys.executable), "imsa")
@@ -39,16 +37,8 @@ def sudo_bare_environment():
     result = {}
     pid = None
     try:
-        alice = sts.users["alice"]
-        config = os.path.join(home, ".imsa")
-        with open(config, "w") as handle:
-            yaml.safe_dump({
-                "base": {"aws_access_key_id": alice["aws_access_key_id"],
-                         "aws_secret_access_key": alice["aws_secret_access_key"], "mfa_serial_number": MFA_SERIAL},
-                "a": {"extends": "base", "role_arn": sts.roles["role-a"], "role_session_name": "sudo-a"},
-                "b": {"extends": "base", "role_arn": sts.roles["role-b"], "role_session_name": "sudo-b"},
-            }, handle)
-        os.chmod(config, 0o600)
+        config = write_profiles(os.path.join(home, ".imsa"),
+                                alice_profiles(sts, a=("role-a", "sudo-a"), b=("role-b", "sudo-b")))
         for path in (home, config):
             os.chown(path, owner.pw_uid, owner.pw_gid)
         # sudo keeps HOME and the socket path (so the test finds the service); everything else is sudo's default.

@@ -14,9 +14,8 @@ import tempfile
 import time
 
 import pytest
-import yaml
 
-from conftest import MFA_CODE, MFA_SERIAL
+from conftest import MFA_CODE, alice_profiles, write_profiles
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: it plays other local users with real accounts")
 
@@ -53,16 +52,8 @@ while True:
 
 def _owner_env(user, sts, home):
     """The owner's own environment: its home and ~/.imsa, the fake STS, and the default control socket path."""
-    alice = sts.users["alice"]
-    config = os.path.join(home, ".imsa")
-    with open(config, "w") as handle:
-        yaml.safe_dump({
-            "base": {"aws_access_key_id": alice["aws_access_key_id"],
-                     "aws_secret_access_key": alice["aws_secret_access_key"], "mfa_serial_number": MFA_SERIAL},
-            "a": {"extends": "base", "role_arn": sts.roles["role-a"], "role_session_name": "trust-a"},
-        }, handle)
-    os.chmod(config, 0o600)
-    os.chown(config, user.uid, user.gid)
+    config = write_profiles(os.path.join(home, ".imsa"), alice_profiles(sts, a=("role-a", "trust-a")),
+                            owner=(user.uid, user.gid))
     return {
         "PATH": f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": home, "IMSA_CONFIG": config,
         "AWS_ENDPOINT_URL_STS": sts.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
