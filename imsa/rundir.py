@@ -94,22 +94,34 @@ def _owner_name(uid):
         return f"uid {uid}"
 
 
+def changeable_by_others(path, trusted_uids):
+    """The first place from / down to *path* (symlinks resolved) that a user outside *trusted_uids* can change: one
+    that belongs to such a user, or that group or others may write (a sticky directory excepted). Returns (place,
+    its stat) or None. The one rule behind the run directory's parents and the code root runs."""
+    real = os.path.realpath(path)
+    places = [real]
+    while places[-1] != os.path.dirname(places[-1]):
+        places.append(os.path.dirname(places[-1]))
+    for place in reversed(places):
+        info = os.lstat(place)
+        sticky_dir = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+        if info.st_uid not in trusted_uids or (stat.S_IMODE(info.st_mode) & 0o022 and not sticky_dir):
+            return place, info
+    return None
+
+
 def check_parents(directory, uid):
     """Every directory above *directory* must be root's or *uid*'s, and writable by others only if sticky.
 
     Otherwise someone else could swap the run directory for their own between our checks and our use of it.
     """
-    real = os.path.realpath(os.path.dirname(os.path.abspath(directory)))
-    while True:
-        info = os.lstat(real)
-        if info.st_uid not in (0, uid):
-            raise UnsafeRunDir(f"refusing {directory}: {real} belongs to {_owner_name(info.st_uid)}")
-        if stat.S_IMODE(info.st_mode) & 0o022 and not info.st_mode & stat.S_ISVTX:
-            raise UnsafeRunDir(f"refusing {directory}: {real} is writable by other users")
-        parent = os.path.dirname(real)
-        if parent == real:
-            return
-        real = parent
+    found = changeable_by_others(os.path.dirname(os.path.abspath(directory)), (0, uid))
+    if found is None:
+        return
+    place, info = found
+    if info.st_uid not in (0, uid):
+        raise UnsafeRunDir(f"refusing {directory}: {place} belongs to {_owner_name(info.st_uid)}")
+    raise UnsafeRunDir(f"refusing {directory}: {place} is writable by other users")
 
 
 def check_dir(directory, uid, info=None):

@@ -344,25 +344,6 @@ def set_no_new_privs():
         log.warning("could not set no-new-privs: %s", error)
 
 
-def _writable_by_others(path):
-    """The first directory or file from / down to *path* that someone other than root can change, or None."""
-    real = os.path.realpath(path)
-    parts = real.split(os.sep)
-    for end in range(1, len(parts) + 1):
-        current = os.sep + os.path.join(*parts[1:end]) if end > 1 else os.sep
-        try:
-            info = os.stat(current)
-        except OSError:
-            return None
-        if info.st_uid != 0:
-            return f"{current} belongs to uid {info.st_uid}"
-        if info.st_mode & 0o002 and not (stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX):
-            return f"{current} is writable by every user"
-        if info.st_mode & 0o020 and info.st_gid != 0 and not (stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX):
-            return f"{current} is writable by group {info.st_gid}"
-    return None
-
-
 def writable_code():
     """Why the code this process runs could be someone else's than root's: for the interpreter, imsa itself and every
     import directory, the first place on its path another user can change (README, "Install")."""
@@ -372,8 +353,12 @@ def writable_code():
     places += [entry for entry in sys.path if entry and os.path.isdir(entry)]
     reasons = []
     for place in places:
-        reason = _writable_by_others(place)
-        if reason and reason not in reasons:
+        found = rundir.changeable_by_others(place, (0,))
+        if found is None:
+            continue
+        where, info = found
+        reason = f"{where} belongs to uid {info.st_uid}" if info.st_uid != 0 else f"{where} is writable by other users"
+        if reason not in reasons:
             reasons.append(reason)
     return reasons
 
