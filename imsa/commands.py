@@ -107,12 +107,14 @@ def _record_region(client, region):
         log.info("cannot record the region for the shell hook: %s", error)
 
 
-def config_region(environ=None, home=None):
+def config_region(environ=None):
     """The region of the AWS config file's profile this shell selects (AWS_PROFILE, else default), or None."""
     import configparser
 
+    from imsa.sts_settings import config_file_path
+
     environ = os.environ if environ is None else environ
-    path = environ.get("AWS_CONFIG_FILE") or os.path.join(home or os.path.expanduser("~"), ".aws", "config")
+    path = config_file_path(environ)
     name = environ.get("AWS_PROFILE") or "default"
     parser = configparser.RawConfigParser()
     try:
@@ -125,7 +127,7 @@ def config_region(environ=None, home=None):
     return None
 
 
-def region_advice(profile, environ=None, home=None):
+def region_advice(profile, environ=None):
     """What to say after ``imsa assume`` when SDKs in this shell would use no region, or another one; or None.
 
     boto3, botocore and the AWS CLI v1 read the region from the environment and the AWS config file only, never
@@ -138,7 +140,7 @@ def region_advice(profile, environ=None, home=None):
         environ.get(name, mine) == mine for name in shell.REGION_VARIABLES
     )
     current = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
-    region = profile.region if follows else current or config_region(environ, home)
+    region = profile.region if follows else current or config_region(environ)
     if not region and profile.region:
         name = os.path.basename(environ.get("SHELL") or "")
         hook = f"imsa shell-init {name} | source" if name == "fish" else \
