@@ -161,20 +161,22 @@ def _exec_command(args):
         if "--" not in words and not _only_exec_options(words):
             raise UsageError("put the command after --: imsa exec PROFILE [--mode ecs|static] -- COMMAND [ARGS...]")
         split = words.index("--") if "--" in words else len(words)
-        options = argparse.ArgumentParser(prog="imsa exec", add_help=False)
-        _add_exec_options(options)
-        _add_global_flags(options, suppress=True)
-        options.parse_args(words[:split], namespace=args)
+        _exec_options_parser().parse_args(words[:split], namespace=args)
         return words[split + 1:]
     return words
 
 
-def _only_exec_options(words):
-    """True when *words* are all options of ``imsa exec`` (``imsa exec p --mode static``: a shell, no command)."""
+def _exec_options_parser():
+    """A parser of the options ``imsa exec`` takes after PROFILE (its own and the global ones)."""
     options = argparse.ArgumentParser(prog="imsa exec", add_help=False)
     _add_exec_options(options)
     _add_global_flags(options, suppress=True)
-    _, rest = options.parse_known_args(words)
+    return options
+
+
+def _only_exec_options(words):
+    """True when *words* are all options of ``imsa exec`` (``imsa exec p --mode static``: a shell, no command)."""
+    _, rest = _exec_options_parser().parse_known_args(words)
     return not rest
 
 
