@@ -7,9 +7,9 @@ session is never handed to, and no answer is believed from, a socket someone els
 
 import json
 import socket
-import struct
 
 from imsa import rundir
+from imsa.peers import peer_credentials
 from imsa.errors import ServiceError, ServiceNotRunning, StsError
 
 TIMEOUT = 30
@@ -55,7 +55,7 @@ def exchange(path, method, route, payload=b"", content_type=None, timeout=TIMEOU
 
 def _check_server(sock, path, expected_uid):
     """The process that listens on *sock* must run as *expected_uid* (the kernel's word, not the file's owner)."""
-    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    _, uid, _ = peer_credentials(sock)
     if uid != expected_uid:
         raise rundir.UnsafeRunDir(
             f"refusing the service at {path}: it runs as uid {uid}, not uid {expected_uid} (someone else's socket)"
