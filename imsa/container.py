@@ -34,6 +34,7 @@ from http import HTTPStatus
 
 from imsa.credentials import format_time, mask, utcnow
 from imsa.errors import ImsaError
+from imsa.logs import shown
 from imsa.peers import is_local_peer, peer_uids_visible, tcp_peer_uid
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ MAX_HEADERS = 100
 # Connections answered at once (a thread each); more are closed unanswered. Any local process can connect.
 MAX_CONNECTIONS = 32
 BACKLOG = 64
-# How much of a refused request's path the log shows (repr()-escaped, so no forged lines).
-LOGGED_PATH = 200
 # After answering, what the client still sends is read and dropped (at most DRAIN_BYTES, for DRAIN_SECONDS):
 # closing with unread data resets the connection, and a reset can destroy the answer before the client reads it.
 DRAIN_BYTES = 65536
@@ -74,12 +73,6 @@ class _Refusal(Exception):
 def endpoint_url(port):
     """The AWS_CONTAINER_CREDENTIALS_FULL_URI for *port*: 127.0.0.1 is the one host every SDK accepts there."""
     return f"http://{EXEC_HOST}:{port}{CREDENTIALS_PATH}"
-
-
-def _shown(text):
-    """*text* for a log line: repr()-escaped (a newline cannot forge a line) and cut to LOGGED_PATH characters."""
-    shown = repr(text)
-    return shown if len(shown) <= LOGGED_PATH else shown[:LOGGED_PATH] + "..."
 
 
 def _read_head(sock, deadline):
@@ -198,7 +191,7 @@ class Endpoint:
             method, path = _request_line(head)
             # Never the token: the query string is left out, and a token a client put in the path is blanked.
             path = path.replace(self.token, "<token>")
-            log.info("exec endpoint refused %s %s from %s: %s", _shown(method), _shown(path), peer, refusal.message)
+            log.info("exec endpoint refused %s %s from %s: %s", shown(method), shown(path), peer, refusal.message)
             status, body = refusal.status, {"Code": refusal.code, "Message": refusal.message}
         _send(sock, status, body)
 
