@@ -21,9 +21,9 @@ import sys
 import threading
 import time
 
-from imsa import rundir
+from imsa import rundir, sudo
 from imsa.peers import peer_credentials, peer_uids_visible, tcp_peer_uid
-from imsa.errors import ServiceError, UsageError
+from imsa.errors import ImsaError, ServiceError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -285,20 +285,10 @@ def drop_privileges(uid, gid):
     """
     clear_capability_bounding_set()
     user = pwd.getpwuid(uid).pw_name if _has_user(uid) else None
-    if user:
-        os.initgroups(user, gid)
-    else:
-        os.setgroups([gid])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-    if 0 in os.getresuid() or (gid != 0 and 0 in os.getresgid()):
-        raise ServiceError("failed to drop root privileges")
     try:
-        os.setresuid(0, 0, 0)
-    except PermissionError:
-        pass
-    else:
-        raise ServiceError("root privileges could be regained after dropping them")
+        sudo.become(uid, gid, user)
+    except ImsaError as error:
+        raise ServiceError(error.message) from None
     set_no_new_privs()
     os.environ["HOME"] = pwd.getpwuid(uid).pw_dir if user else "/"
 
