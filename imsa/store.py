@@ -9,7 +9,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from imsa.config import MAX_ROLE_DURATION, MIN_DURATION, PATTERNS
+from imsa.limits import MAX_ROLE_DURATION, MIN_DURATION, PATTERNS
 from imsa.credentials import Credentials, format_time, mask, utcnow
 from imsa.errors import StsError
 
