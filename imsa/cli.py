@@ -13,7 +13,7 @@ from imsa import __version__, sudo
 from imsa.errors import (
     EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SERVICE, EXIT_STS, EXIT_USAGE, ImsaError, UsageError,
 )
-from imsa.logs import mute_wire_loggers
+from imsa.server.logs import mute_wire_loggers
 from imsa.shell import SHELLS
 
 
@@ -180,23 +180,8 @@ def _only_exec_options(words):
     return not rest
 
 
-def _export(args):
-    from imsa import commands, shell
-
-    if args.unset:
-        if args.profile:
-            raise UsageError("--unset takes no PROFILE: it removes whatever imsa export set (imsa export --unset)")
-        if args.format == "json":
-            raise UsageError("--unset prints shell lines: --format sh or fish")
-        sys.stdout.write(shell.unset_lines(args.format))
-        return EXIT_OK
-    if not args.profile:
-        raise UsageError("name the PROFILE to export (or --unset to remove the exports): imsa export PROFILE")
-    return commands.export(args.profile, args.format, args.mfa_token)
-
-
 def run(args):
-    """Dispatch parsed *args* to commands.py."""
+    """Dispatch parsed *args* to the command modules (imsa/commands/)."""
     if args.command == "shell-init":  # in every new shell: nothing but the hook's own module
         from imsa import rundir, shell
 
@@ -207,37 +192,37 @@ def run(args):
 
         sys.stdout.write(shell.completion(args.shell))
         return EXIT_OK
-    from imsa import commands
+    from imsa.commands import roles, service
 
     if args.command == "start":
-        return commands.start(args.listen, args.allow_imdsv1, args.foreground, args.user, debug=args.debug,
+        return service.start(args.listen, args.allow_imdsv1, args.foreground, args.user, debug=args.debug,
                               report_ready=args.report_ready)
     if args.command == "stop":
-        return commands.stop()
+        return service.stop()
     if args.command == "status":
-        return commands.status(args.json)
+        return service.status(args.json)
     if args.command == "assume":
-        return commands.assume(args.profile, args.mfa_token)
+        return roles.assume(args.profile, args.mfa_token)
     if args.command == "export":
-        return _export(args)
+        return roles.export(args.profile, args.format, args.mfa_token, unset=args.unset)
     if args.command == "exec":
-        from imsa import commands_exec
+        from imsa.commands import exec as commands_exec
 
         command = _exec_command(args)
         _set_log_level(args)  # -v given after PROFILE counts too
         return commands_exec.exec_command(args.profile, command, args.mode, args.mfa_token)
     if args.command == "credential-process":
-        from imsa import commands_exec
+        from imsa.commands import exec as commands_exec
 
         return commands_exec.credential_process(args.profile)
     if args.command == "console":
-        from imsa import commands_console
+        from imsa.commands import console
 
-        return commands_console.console(args.profile, args.print_url, args.duration, args.destination, args.mfa_token)
+        return console.console(args.profile, args.print_url, args.duration, args.destination, args.mfa_token)
     if args.command == "install-service":
-        from imsa import commands_install
+        from imsa.commands import install
 
-        return commands_install.install_service(args.user, args.unit_dir, enable=not args.no_enable)
+        return install.install_service(args.user, args.unit_dir, enable=not args.no_enable)
     raise AssertionError(args.command)
 
 

@@ -9,8 +9,8 @@ import json
 import socket
 
 from imsa import rundir
-from imsa.peers import peer_credentials
 from imsa.errors import ServiceError, ServiceNotRunning, StsError
+from imsa.server.peers import peer_credentials
 
 TIMEOUT = 30
 # The largest answer accepted from the service; status and credentials are a few kB.

@@ -3,7 +3,7 @@
 Only ``imsa start`` (it binds port 80, then drops to that user itself) and ``imsa install-service`` (it writes
 systemd's units) use root. Every other command is about the invoking user's service and files, so under sudo it
 gives root up for good first: it then talks to that user's service, as the README promises, and reads nothing that
-user could not read. become() is also how the service itself gives root up (service.drop_privileges).
+user could not read. become() is also how the service itself gives root up (imsa.server.process.drop_privileges).
 """
 
 import os

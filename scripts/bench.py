@@ -294,7 +294,7 @@ def serve_flask(body_file):
     from flask import Flask, Response, request
     from waitress.server import create_server
 
-    from imsa import service
+    from imsa.server import process
 
     token, role, credentials = _fixed_answers(body_file)
     app = Flask("bench")
@@ -314,8 +314,8 @@ def serve_flask(body_file):
             return Response("Not Found\n", status=404, mimetype="text/plain")
         return Response(credentials, mimetype="text/plain")
 
-    sock = service.bind_tcp("127.0.0.1", 0)
-    server = create_server(app, sockets=[sock], **service.IMDS_SERVER_OPTIONS)
+    sock = process.bind_tcp("127.0.0.1", 0)
+    server = create_server(app, sockets=[sock], **process.IMDS_SERVER_OPTIONS)
     print(json.dumps({"port": sock.getsockname()[1], "pid": os.getpid()}), flush=True)
 
     def on_signal(_signum, _frame):

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import http
 from imdsv2 import CREDS, TOKEN, TOKEN_PATH, TTL, put_token, service_credentials
-from imsa import imds, peers, service as imsa_service
+from imsa.server import imds, peers, process
 from test_netns import _can_unshare, run_scenario
 
 needs_netns = pytest.mark.skipif(not _can_unshare(), reason="needs root, unshare(1) and ip(8) to make a network namespace")
@@ -525,12 +525,12 @@ def test_a_crash_while_looking_up_the_clients_uid_is_refused_not_taken_for_root(
         looked_up.append(sock.getpeername())
         raise RuntimeError("the lookup failed")
 
-    listener = imsa_service.bind_tcp("127.0.0.1", 0)
+    listener = process.bind_tcp("127.0.0.1", 0)
     port = listener.getsockname()[1]
     app = imds.create_app(lambda: None, "127.0.0.1", port, peer_uids={0, os.geteuid()})
     event_map = {}
-    server = create_server(app, sockets=[listener], map=event_map, **imsa_service.IMDS_SERVER_OPTIONS)
-    server.channel_class = imsa_service._imds_channel()
+    server = create_server(app, sockets=[listener], map=event_map, **process.IMDS_SERVER_OPTIONS)
+    server.channel_class = process._imds_channel()
     stop = threading.Event()
 
     def serve():
@@ -540,12 +540,12 @@ def test_a_crash_while_looking_up_the_clients_uid_is_refused_not_taken_for_root(
     loop = threading.Thread(target=serve, daemon=True)
     loop.start()
     try:
-        monkeypatch.setattr(imsa_service, "tcp_peer_uid", crashing_lookup)
+        monkeypatch.setattr(process, "tcp_peer_uid", crashing_lookup)
         status, _, body = http("127.0.0.1", port, "PUT", TOKEN_PATH, {TTL: "60"})
         assert len(looked_up) == 1, "the lookup ran, and crashed"
         assert status == 403 and b"another user" in body, (status, body)
         # The same client, the lookup working again: served (so the refusal above came from the crash alone).
-        monkeypatch.setattr(imsa_service, "tcp_peer_uid", lambda sock: os.geteuid())
+        monkeypatch.setattr(process, "tcp_peer_uid", lambda sock: os.geteuid())
         assert http("127.0.0.1", port, "PUT", TOKEN_PATH, {TTL: "60"})[0] == 200
     finally:
         stop.set()

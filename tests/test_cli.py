@@ -12,7 +12,8 @@ import boto3
 import pytest
 
 from conftest import MFA_CODE, one_error_line, read_terminal, run_imsa, run_without_terminal, with_terminal, write_config
-from imsa import cli, commands
+from imsa import cli
+from imsa.commands import common, service as service_commands
 from imsa.config import Profile
 from imsa.credentials import Credentials
 
@@ -121,7 +122,7 @@ def test_unexpected_exception_is_one_line_and_raised_only_with_debug(isolated_en
     def broken(*_args, **_kwargs):
         raise RuntimeError("something broke")
 
-    monkeypatch.setattr(commands, "status", broken)
+    monkeypatch.setattr(service_commands, "status", broken)
     assert cli.main(["status"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -134,7 +135,7 @@ def test_interrupt_exits_130(isolated_env, monkeypatch, capsys):
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(commands, "status", interrupted)
+    monkeypatch.setattr(service_commands, "status", interrupted)
     assert cli.main(["status"]) == 130
     assert capsys.readouterr().err == "imsa: interrupted\n"
 
@@ -206,7 +207,7 @@ def test_export_sh_quotes_values_a_shell_would_expand(tmp_path):
     profile = Profile(name=nasty, region="us-east-1")
     expiration = datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc)
     creds = Credentials("ASIA0000000000000001", "se cr$et'\"", "tok/en+==", expiration)
-    text = commands.export_lines(profile, creds, "sh")
+    text = common.export_lines(profile, creds, "sh")
     values, _ = parse_sh(text)
     assert values["IMSA_PROFILE"] == nasty and values["AWS_SECRET_ACCESS_KEY"] == "se cr$et'\""
     evaluated = subprocess.run(
@@ -220,7 +221,7 @@ def test_export_sh_quotes_values_a_shell_would_expand(tmp_path):
 @pytest.mark.skipif(not shutil.which("fish"), reason="fish is not installed")
 @pytest.mark.parametrize("value", ["plain", "it's", "back\\slash", "trail\\", "$HOME `x` (y) ;z", "two\\'both"])
 def test_fish_quoting_round_trips_through_a_real_fish(value):
-    from imsa.commands import fish_quote
+    from imsa.shell import fish_quote
 
     done = subprocess.run(["fish", "--no-config", "-c", f"set -gx V {fish_quote(value)}; printf '%s' $V"],
                           capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
@@ -315,7 +316,7 @@ def test_regression_an_error_quoting_another_imsa_error_has_one_prefix(isolated_
     def failing(*_args, **_kwargs):
         raise ServiceError("the service failed to start: imsa: error: cannot bind 127.0.0.1:1: denied\nsecond line")
 
-    monkeypatch.setattr(commands, "status", failing)
+    monkeypatch.setattr(service_commands, "status", failing)
     assert cli.main(["status"]) == 1
     assert capsys.readouterr().err == (
         "imsa: error: the service failed to start: cannot bind 127.0.0.1:1: denied; second line\n")

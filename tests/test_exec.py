@@ -17,10 +17,10 @@ from botocore.utils import ContainerMetadataFetcher, MetadataRetrievalError
 
 from conftest import MFA_CODE, http, run_imsa, stop_process, write_config
 from conftest import control_post as conftest_control_post
-from imsa import container
+from imsa.server import container
 from imsa.credentials import Credentials, utcnow
-from imsa.execs import BindingError, BindingTable
-from imsa.store import RoleSpec
+from imsa.server.execs import BindingError, BindingTable
+from imsa.server.store import RoleSpec
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="running a process as another uid needs root")
 # A uid that is neither this suite's, nor the service's ('nobody' when the suite runs as root: conftest).
@@ -666,7 +666,7 @@ def sleeper():
 @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "kill0"])
 def test_a_binding_lives_as_long_as_its_owner_and_pins_meanwhile(sleeper, monkeypatch, pidfd):
     if not pidfd:
-        monkeypatch.setattr("imsa.execs._open_pidfd", lambda pid: None)
+        monkeypatch.setattr("imsa.server.execs._open_pidfd", lambda pid: None)
     store = FakeStore()
     table = BindingTable(store)
     binding_id = table.create(SPEC, sleeper.pid)
@@ -740,7 +740,7 @@ class FakeClient:
 @pytest.fixture
 def endpoint_of():
     """endpoint_of(client): a serving container.Endpoint whose credentials come from *client* (ServiceCredentials)."""
-    from imsa.commands_exec import ServiceCredentials
+    from imsa.commands.exec import ServiceCredentials
 
     started = []
 

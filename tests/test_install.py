@@ -106,7 +106,8 @@ def test_every_readme_section_the_code_cites_exists():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
         headings = {line.lstrip("#").strip() for line in handle if line.startswith("#")}
     cited = {}
-    for path in glob.glob(os.path.join(ROOT, "imsa", "*.py")) + glob.glob(os.path.join(ROOT, "scripts", "*")) + \
+    for path in glob.glob(os.path.join(ROOT, "imsa", "**", "*.py"), recursive=True) + \
+            glob.glob(os.path.join(ROOT, "scripts", "*")) + \
             [os.path.join(ROOT, name) for name in UNITS]:
         with open(path, encoding="utf-8") as handle:
             for section in re.findall(r'README, "([^"]+)"', handle.read()):
@@ -128,7 +129,12 @@ def test_the_built_package_carries_the_units_unchanged(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         packaged = {name.rsplit("/", 1)[1]: archive.read(name) for name in archive.namelist()
                     if re.fullmatch(r"imsa-[^/]+\.data/data/share/imsa/[^/]+", name)}
+        modules = {name for name in archive.namelist() if name.startswith("imsa/") and name.endswith(".py")}
     assert packaged == {name: _top_level(name).encode() for name in UNITS}
+    # The subpackages too (setup.cfg's packages = find:), every module of the tree.
+    tree = {os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "imsa", "**", "*.py"), recursive=True)}
+    assert {"imsa/commands/roles.py", "imsa/server/process.py"} <= tree
+    assert modules == tree
 
 
 # --- item 1: imsa install-service ---

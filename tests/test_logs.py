@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import http
-from imsa import logs
+from imsa.server import logs
 
 MIB = 1 << 20
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} imsa\[\d+\] ")
@@ -169,8 +169,8 @@ def test_the_foreground_service_under_systemd_logs_to_the_journal_only(tmp_path)
         stop_process(process)
     lines = stream.read_text().splitlines()
     assert lines and all(JOURNAL_LINE.match(line) for line in lines), lines
-    assert any(line.startswith("<6>INFO imsa.service: serving IMDS on 127.0.0.1:") for line in lines), lines
-    assert lines[-1] == "<6>INFO imsa.service: stopping"
+    assert any(line.startswith("<6>INFO imsa.server.process: serving IMDS on 127.0.0.1:") for line in lines), lines
+    assert lines[-1] == "<6>INFO imsa.server.process: stopping"
     assert os.listdir(run_dir) == []
 
 

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import MFA_CODE, run_imsa, write_config
 from ptyshell import IMSA, SHELL_ARGV, PtyShell, shell_user  # noqa: F401  (shell_user is a fixture)
-from imsa import commands, commands_exec, shell
+from imsa import shell
+from imsa.commands import common, exec as commands_exec
 from imsa.config import Profile
 
 SHELLS = ("bash", "zsh", "fish")
@@ -160,7 +161,7 @@ def test_assume_says_when_sdks_in_this_shell_would_have_no_region_or_another(tmp
     config = tmp_path / "config"
     config.write_text("[profile dev]\nregion = eu-west-1\n")
     profiles = {"a": Profile(name="a"), "r": Profile(name="r", region="us-west-2")}
-    advice = commands.region_advice(profiles[profile], dict(environ, AWS_CONFIG_FILE=str(config)))
+    advice = common.region_advice(profiles[profile], dict(environ, AWS_CONFIG_FILE=str(config)))
     if expected is None:
         assert advice is None
     else:

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import MFA_CODE, one_error_line, run_imsa, service_user_args, write_config
 from ptyshell import shell_user  # noqa: F401  (a fixture)
-from imsa.commands import endpoint_address, endpoint_warnings, shadowing_warnings
+from imsa.commands.common import endpoint_address, endpoint_warnings, shadowing_warnings
 
 
 def test_background_start_returns_once_serving_and_prints_the_endpoint(isolated_env, sts_env):

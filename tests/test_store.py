@@ -7,10 +7,10 @@ import threading
 import pytest
 from botocore.utils import InstanceMetadataFetcher
 
-from imsa import imds
+from imsa.server import imds
 from imsa.credentials import Credentials
 from imsa.errors import StsError
-from imsa.store import RoleSpec, Store
+from imsa.server.store import RoleSpec, Store
 
 T0 = datetime.datetime(2030, 1, 1, 12, 0, 0, tzinfo=datetime.timezone.utc)
 FP = "f" * 32

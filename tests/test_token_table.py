@@ -1,6 +1,6 @@
 """The IMDSv2 token table on an injected clock: bounded, expired tokens dropped first, then the oldest."""
 
-from imsa.imds import TokenTable
+from imsa.server.imds import TokenTable
 
 
 class Clock:

@@ -246,7 +246,7 @@ def test_the_background_log_is_the_users_0600_file_with_what_the_service_said(ow
     while "serving IMDS" not in open(log).read() and time.monotonic() < deadline:
         time.sleep(0.05)
     first = open(log).read().splitlines()[0]
-    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} imsa\[\d+\] INFO imsa.service: serving IMDS", first), first
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} imsa\[\d+\] INFO imsa.server.process: serving IMDS", first), first
     stopped = user.run([IMSA, "stop"], env)
     assert stopped.returncode == 0, stopped.stderr
 

@@ -10,8 +10,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from imsa import __version__, commands
-from imsa.commands import Io, load_profile
+from imsa import __version__
+from imsa.commands.common import Io, load_profile, profile_credentials
 from imsa.errors import EXIT_OK, ImsaError, StsError, UsageError
 
 SIGNIN_ENV = "IMSA_SIGNIN_URL"
@@ -107,7 +107,7 @@ def console(name, print_url=False, duration=None, destination=None, mfa_token=No
             f"credentials such a profile gets; use a profile with role_arn"
         )
     signin_url, default_destination = _endpoints(profile)
-    _, creds = commands.profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
+    _, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
     token = signin_token(signin_url, creds, duration, opener)
     url = login_url(signin_url, token, destination or default_destination)
     if print_url:

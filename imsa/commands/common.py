@@ -1,6 +1,8 @@
-"""One plain function per command: no argparse, no sys.exit, no Flask. They return an exit code.
+"""What several commands share: where they write (Io), the profile, the service's MFA session, the shell's region
+and endpoint, and the text of exports.
 
-``out`` carries data (exports, JSON) and ``err`` everything meant for people.
+Commands are plain functions: no argparse, no sys.exit, no Flask. They return an exit code. ``out`` carries data
+(exports, JSON) and ``err`` everything meant for people.
 """
 
 import datetime
@@ -9,12 +11,11 @@ import logging
 import os
 import shlex
 import sys
-import time
 
 from imsa import config, shell
 from imsa.client import Client
 from imsa.credentials import Credentials, format_time, mask, parse_time, utcnow
-from imsa.errors import EXIT_ERROR, EXIT_OK, ServiceError, ServiceNotRunning
+from imsa.errors import ServiceNotRunning
 from imsa.shell import fish_quote
 
 log = logging.getLogger(__name__)
@@ -22,13 +23,8 @@ log = logging.getLogger(__name__)
 # A session with less than this left is renewed (with MFA) before it is used for a new role.
 SESSION_MIN_LEFT = datetime.timedelta(minutes=10)
 ENDPOINT_VARIABLE = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
-# Where SDKs look for IMDS when the variable above is not set (service.DEFAULT_LISTEN, without importing service).
+# Where SDKs look for IMDS when the variable above is not set (process.DEFAULT_LISTEN, without importing the server).
 DEFAULT_ADDRESS = "169.254.169.254:80"
-# The service's own words when its control socket is taken by a live service (service.bind_control_socket).
-ALREADY_RUNNING = "imsa is already running"
-START_TIMEOUT = 15.0
-STOP_TIMEOUT = 10.0
-POLL = 0.05
 
 
 class Io:
@@ -79,27 +75,7 @@ def ensure_session(profile, client, mfa, io, sts_factory=None):
     return True
 
 
-def assume(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None):
-    """Make profile *name* the role every SDK on the machine gets."""
-    from imsa import sts
-
-    io = io or Io()
-    profile = load_profile(name, io)
-    client = client or Client()
-    running = client.status()  # fail fast (exit 5) before asking for an MFA code
-    ensure_session(profile, client, sts.MfaSource(profile, mfa_token, prompt), io, sts_factory)
-    result = client.activate(profile.role_spec())
-    _record_region(client, profile.region)
-    what = profile.role_arn or "MFA session credentials"
-    expiration = parse_time(result["expiration"])
-    io.say(f"imsa: {profile.name} active: {what}, until {format_time(expiration)} ({describe_left(expiration)})")
-    for warning in endpoint_warnings(running) + [region_advice(profile)]:
-        if warning:
-            io.say(f"imsa: warning: {warning}")
-    return EXIT_OK
-
-
-def _record_region(client, region):
+def record_region(client, region):
     """Tell the shell hook (imsa shell-init) the served profile's region; a file that cannot be written is logged."""
     try:
         shell.record_region(client.path, region, client.expected_uid)
@@ -199,157 +175,6 @@ def export_lines(profile, creds, fmt):
     return "\n".join(lines) + "\n"
 
 
-def export(name, fmt="sh", mfa_token=None, io=None, client=None, prompt=None, sts_factory=None):
-    """Print exports for profile *name* (the global role stays as it is)."""
-    io = io or Io()
-    profile, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
-    io.data(export_lines(profile, creds, fmt))
-    return EXIT_OK
-
-
-# --- the service ---
-
-
-def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None, debug=False, report_ready=False):
-    """Start the service; in the background unless *foreground*, returning once it answers."""
-    import subprocess  # only here: status and export stay light
-
-    from imsa import service
-
-    io = io or Io()
-    listen = listen or service.DEFAULT_LISTEN
-    host, port = service.parse_listen(listen)
-    if foreground:
-        service.configure_logging()
-        return service.run(listen=listen, allow_imdsv1=allow_imdsv1, user=user, report_ready=report_ready)
-    service.target_user(user)  # a usage error (root without a user to serve) is said here, not by the child
-    if os.geteuid() == 0:
-        for warning in service.writable_code_warnings():
-            io.say(f"imsa: warning: {warning}")
-    else:
-        # Root never connects to the user's socket (the child it starts finds a running service itself); the user
-        # asks their own, verified, service, so that a new shell gets the export line again.
-        client = Client()
-        try:
-            running = client.status()
-        except ServiceNotRunning:
-            _record_region(client, None)  # left by a service that was killed: the next one serves nothing yet
-        else:
-            return _already_running(running, host, port, allow_imdsv1, io)
-    # -I: the service imports nothing from the working directory, PYTHONPATH or the user's site-packages, and it
-    # runs from / (as root that would be code of whoever can write there).
-    argv = [sys.executable, "-I", "-m", "imsa"] + (["--debug"] if debug else [])
-    argv += ["start", "--foreground", "--report-ready", "--listen", listen]
-    if allow_imdsv1:
-        argv.append("--allow-imdsv1")
-    if user:
-        argv += ["--user", user]
-    child = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/",
-        start_new_session=True, close_fds=True,
-    )
-    status, output = _wait_ready(child, START_TIMEOUT)
-    if status is None:
-        if child.poll() is None:
-            child.terminate()
-            raise ServiceError(f"the service did not answer within {START_TIMEOUT:.0f} s: {_last_line(output)}")
-        reason = _last_line(output)
-        if ALREADY_RUNNING in reason:  # said by the child: as root, or for a service that started meanwhile
-            again = "" if (host, port) == service.parse_listen(service.DEFAULT_LISTEN) or os.geteuid() != 0 else (
-                f"; as yourself, without sudo, imsa start --listen {listen} prints its export line again")
-            raise ServiceError(f"imsa is already running; imsa status shows where it listens, imsa stop stops "
-                               f"it{again}")
-        raise ServiceError(f"the service failed to start: {reason}")
-    io.say(f"imsa: serving on {status['listen']} (pid {status['pid']}); log: {status['log']}")
-    if (host, port) != service.parse_listen(service.DEFAULT_LISTEN):
-        io.data(f"export {ENDPOINT_VARIABLE}={status['endpoint']}\n")
-    return EXIT_OK
-
-
-def _already_running(running, host, port, allow_imdsv1, io):
-    """``imsa start`` while the user's service runs: fine if it serves as asked (the export line again), else 1."""
-    from imsa import service
-
-    where = service.parse_listen(running["listen"])
-    tokens = "tokens optional" if not running.get("tokens_required") else "tokens required"
-    if where[0] != host or port not in (0, where[1]) or running.get("tokens_required") == allow_imdsv1:
-        raise ServiceError(
-            f"imsa is already running on {running['listen']} ({tokens}, pid {running['pid']}), not as asked; "
-            f"stop it first: imsa stop"
-        )
-    io.say(f"imsa: already running on {running['listen']} (pid {running['pid']}); log: {running.get('log')}")
-    if where != service.parse_listen(service.DEFAULT_LISTEN):
-        io.data(f"export {ENDPOINT_VARIABLE}={running['endpoint']}\n")
-    return EXIT_OK
-
-
-def _wait_ready(child, timeout):
-    """Read the starting service's output until its ready line; (status dict, None) or (None, output lines)."""
-    import selectors
-    import subprocess
-
-    from imsa.service import READY_PREFIX
-
-    lines, pending = [], b""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(child.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if not selector.select(max(deadline - time.monotonic(), 0)):
-                continue
-            chunk = os.read(child.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            pending += chunk
-            *whole, pending = pending.split(b"\n")
-            for raw in whole:
-                line = raw.decode("utf-8", "replace")
-                if line.startswith(READY_PREFIX):
-                    child.stdout.close()
-                    return json.loads(line[len(READY_PREFIX):]), None
-                lines.append(line)
-    child.stdout.close()
-    if pending:
-        lines.append(pending.decode("utf-8", "replace"))
-    try:
-        child.wait(timeout=2)
-    except subprocess.TimeoutExpired:
-        pass
-    return None, lines
-
-
-def _last_line(lines):
-    """The line of the service's output that says why it failed, without a second ``imsa: error:`` prefix."""
-    lines = [line.strip() for line in lines or () if line.strip()]
-    for line in reversed(lines):
-        if line.startswith("imsa: error: "):
-            return line[len("imsa: error: "):]
-    for line in reversed(lines):
-        if "error" in line.lower():
-            # A log line: "TIME imsa[PID] LEVEL LOGGER: message"; the message is what the person needs.
-            head, sep, message = line.partition(": ")
-            return message if sep and " imsa[" in f" {head}" else line
-    return lines[-1] if lines else "no output"
-
-
-def stop(io=None, client=None):
-    """Stop the service and wait until it is gone."""
-    io = io or Io()
-    client = client or Client()
-    status = client.status()
-    client.stop()
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            client.status()
-        except ServiceNotRunning:
-            _record_region(client, None)
-            io.say(f"imsa: stopped (pid {status['pid']})")
-            return EXIT_OK
-        time.sleep(POLL)
-    raise ServiceError(f"the service (pid {status['pid']}) did not stop within {STOP_TIMEOUT:.0f} s")
-
-
 def shadowing_warnings(environ=None, home=None, listen=None):
     """Settings that would make SDKs use other credentials than imsa's, or send IMDS traffic to a proxy.
 
@@ -430,42 +255,3 @@ def default_profile_has_keys(path):
     return parser.has_option("default", "aws_access_key_id")
 
 
-def status(as_json=False, io=None, client=None):
-    """Show what the service serves; exit 0 only while valid credentials are served."""
-    io = io or Io()
-    client = client or Client()
-    data = client.status()
-    active = data.get("active")
-    _record_region(client, active and active.get("region"))
-    valid = bool(active and active.get("valid"))
-    warnings = shadowing_warnings(listen=data.get("listen")) + endpoint_warnings(data)
-    if as_json:
-        data["warnings"] = warnings
-        io.data(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    else:
-        lines = [f"service:    pid {data.get('pid')} on {data.get('listen')} (tokens {'required' if data.get('tokens_required') else 'optional'})"]
-        bindings = data.get("bindings") or []
-        if bindings:
-            running = ", ".join(sorted({binding["profile"] for binding in bindings}))
-            lines.append(f"exec:       {len(bindings)} running: {running}")
-        if active:
-            expiration = parse_time(active["expiration"])
-            lines.append(f"profile:    {active['profile']}")
-            lines.append(f"role:       {active['role_arn'] or 'MFA session credentials'}")
-            lines.append(f"key:        {active['access_key_id']}")
-            lines.append(f"expires:    {active['expiration']} ({describe_left(expiration)})")
-            if active.get("session_expiration"):
-                session_end = parse_time(active["session_expiration"])
-                lines.append(f"session:    {active['session_expiration']} ({describe_left(session_end)})")
-            else:
-                lines.append("session:    expired")
-            if active.get("last_error"):
-                lines.append(f"last error: {active['last_error']}")
-        else:
-            lines.append("profile:    none (run: imsa assume PROFILE)")
-        io.data("\n".join(lines) + "\n")
-        for warning in warnings:
-            io.say(f"imsa: warning: {warning}")
-        if active and not valid:
-            io.say(f"imsa: the credentials of {active['profile']} have expired; run: imsa assume {active['profile']}")
-    return EXIT_OK if valid else EXIT_ERROR

@@ -9,9 +9,9 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from imsa.limits import MAX_ROLE_DURATION, MIN_DURATION, PATTERNS
 from imsa.credentials import Credentials, format_time, mask, utcnow
 from imsa.errors import StsError
+from imsa.limits import MAX_ROLE_DURATION, MIN_DURATION, PATTERNS
 
 log = logging.getLogger(__name__)
 

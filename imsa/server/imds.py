@@ -20,8 +20,8 @@ import time
 from flask import Flask, Response, request
 
 from imsa.credentials import format_time, utcnow
-from imsa.logs import RefusalLimiter, shown
-from imsa.peers import is_local_peer
+from imsa.server.logs import RefusalLimiter, shown
+from imsa.server.peers import is_local_peer
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
     With *peer_uids* (a set), only clients whose socket belongs to one of those uids are served; the service puts
     each connection's uid in the environ as ``imsa.peer_uid``.
     """
-    app = Flask("imsa.imds")
+    app = Flask("imsa.server.imds")
     app.wsgi_app = _CollapseSlashes(app.wsgi_app)
     tokens = tokens if tokens is not None else TokenTable()
     hosts = allowed_hosts(host, port)
@@ -143,7 +143,7 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
     instance_id = instance_id or "i-" + secrets.token_hex(8)[:17]
     app.config["imsa.tokens"] = tokens
 
-    # A client refused thousands of times a second gets one line per interval and a count (imsa.logs).
+    # A client refused thousands of times a second gets one line per interval and a count (imsa.server.logs).
     refusals = RefusalLimiter(log)
 
     def refuse(status, rule):

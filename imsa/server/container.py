@@ -34,8 +34,8 @@ from http import HTTPStatus
 
 from imsa.credentials import format_time, mask, utcnow
 from imsa.errors import ImsaError
-from imsa.logs import shown
-from imsa.peers import is_local_peer, peer_uids_visible, tcp_peer_uid
+from imsa.server.logs import shown
+from imsa.server.peers import is_local_peer, peer_uids_visible, tcp_peer_uid
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """``imsa exec`` and ``imsa credential-process``: one profile's credentials for one process, from the service's session.
 
-In ecs mode ``imsa exec`` serves its command itself (container.py) on a port it keeps bound for the command's
+In ecs mode ``imsa exec`` serves its command itself (server/container.py) on a port it keeps bound for the command's
 whole life, and fetches each answer from the service over the control socket; the service only records which
-profile the running exec uses (execs.py), to keep it rotated.
+profile the running exec uses (server/execs.py), to keep it rotated.
 
-Plain functions returning exit codes, like commands.py: no argparse, no sys.exit, no Flask.
+Plain functions returning exit codes, like every command: no argparse, no sys.exit, no Flask.
 """
 
 import json
@@ -14,9 +14,11 @@ import signal
 import subprocess
 import threading
 
-from imsa import commands, sts
+from imsa import sts
 from imsa.client import Client
-from imsa.commands import Io, default_profile_has_keys, describe_left, load_profile, ensure_session
+from imsa.commands.common import (
+    Io, default_profile_has_keys, describe_left, ensure_session, load_profile, profile_credentials,
+)
 from imsa.credentials import Credentials, format_time
 from imsa.errors import EXIT_OK, ImsaError, MfaError, ServiceNotRunning, UsageError
 from imsa.shell import HOOK_VARIABLE
@@ -135,7 +137,7 @@ def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None
     client = client or Client()
 
     if mode == "static":
-        profile, creds = commands.profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
+        profile, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
         io.say(
             f"imsa: static credentials for {name}, valid until {format_time(creds.expiration)} "
             f"({describe_left(creds.expiration)}) and not refreshed; use --mode ecs for longer commands"
@@ -152,7 +154,7 @@ def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None
             f"{error}; or run with --mode static (plain AWS_* variables, not refreshed)"
         ) from None
     ensure_session(profile, client, sts.MfaSource(profile, mfa_token, prompt), io, sts_factory)
-    from imsa import container
+    from imsa.server import container
 
     spec = profile.role_spec()
     source = ServiceCredentials(client, spec)
@@ -175,7 +177,7 @@ def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None
 class ServiceCredentials:
     """The profile's credentials as the service holds them, asked for on each request of the command's SDK.
 
-    While the command runs the service has a binding for it (execs.py), so it keeps the role rotated and
+    While the command runs the service has a binding for it (server/execs.py), so it keeps the role rotated and
     ``imsa status`` shows it; a service started again meanwhile gets a new binding on the next request.
     """
 
@@ -204,7 +206,7 @@ class ServiceCredentials:
 
     def __call__(self):
         """Credentials for the profile now; container.Unavailable with the command to run when there are none."""
-        from imsa.container import Unavailable
+        from imsa.server.container import Unavailable
 
         name = self._spec["profile"]
         try:

@@ -5,7 +5,7 @@ carries them unchanged in ``share/imsa`` under its prefix (setup.cfg, data_files
 finds them. What is written: both units, ``ExecStart=`` pointing at the imsa that runs this command, and the drop-in
 ``imsa.service.d/user.conf`` with ``User=`` and ``Group=``.
 
-Plain functions returning exit codes, like commands.py: no argparse, no sys.exit.
+Plain functions returning exit codes, like every command: no argparse, no sys.exit.
 """
 
 import grp
@@ -15,7 +15,7 @@ import re
 import sys
 import tempfile
 
-from imsa.commands import Io
+from imsa.commands.common import Io
 from imsa.errors import EXIT_OK, ServiceError, UsageError
 
 UNIT_DIR = "/etc/systemd/system"
@@ -135,7 +135,7 @@ def systemctl(*args):
 def install_service(user=None, unit_dir=None, enable=True, io=None):
     """Write imsa.socket, imsa.service (ExecStart: this imsa) and the User= drop-in for *user*, then reload systemd
     and enable both units, unless *enable* is false or the units go to *unit_dir* rather than systemd's own."""
-    from imsa import service
+    from imsa.server import process
 
     io = io or Io()
     if os.geteuid() != 0:
@@ -151,7 +151,7 @@ def install_service(user=None, unit_dir=None, enable=True, io=None):
         write_file(os.path.join(target, "imsa.service"), service_unit(handle.read(), command))
     write_file(os.path.join(target, DROP_IN), f"[Service]\nUser={name}\nGroup={group}\n")
     io.say(f"imsa: wrote imsa.socket, imsa.service and {DROP_IN} to {target}: {' '.join(command)} as {name}")
-    for reason in service.writable_code():
+    for reason in process.writable_code():
         # The service runs it as the user, without privileges: that is fine. Root running it (now, or through
         # `sudo imsa start`) is not: whoever can change it gets root the next time.
         io.say(f"imsa: warning: root is running imsa from code another user can change ({reason}); the service "

@@ -22,8 +22,8 @@ import threading
 import time
 
 from imsa import rundir, sudo
-from imsa.peers import peer_credentials, peer_uids_visible, tcp_peer_uid
 from imsa.errors import ImsaError, ServiceError, UsageError
+from imsa.server.peers import peer_credentials, peer_uids_visible, tcp_peer_uid
 
 log = logging.getLogger(__name__)
 
@@ -409,9 +409,9 @@ def target_user(user=None):
 
 
 def configure_logging(level=logging.INFO, path=None):
-    """Log to stderr (the journal under systemd), or to *path*, rotated and 0600 (imsa.logs.configure); never a
+    """Log to stderr (the journal under systemd), or to *path*, rotated and 0600 (imsa.server.logs.configure); never a
     secret, and a timestamp on every line."""
-    from imsa import logs
+    from imsa.server import logs
 
     logs.configure(level, path)
 
@@ -431,8 +431,8 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     if is_root:
         sanitize_root_environment()
 
-    from imsa import control, execs, imds
-    from imsa.store import Store
+    from imsa.server import control, execs, imds
+    from imsa.server.store import Store
 
     tcp = inherited_socket()
     added_alias = False

@@ -11,8 +11,8 @@ from flask import Flask, jsonify, request
 
 from imsa.credentials import Credentials, format_time
 from imsa.errors import StsError
-from imsa.logs import RefusalLimiter, shown
-from imsa.store import RoleSpec, SpecError
+from imsa.server.logs import RefusalLimiter, shown
+from imsa.server.store import RoleSpec, SpecError
 from imsa.sts_settings import StsSettings
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def create_app(store, owner_uid, info, on_stop, bindings=None):
     """The control Flask app; *info* is a dict merged into status (a callable value is called each time), *on_stop*
     ends the service; *bindings* (an execs.BindingTable) adds the routes of ``imsa exec``: POST /bindings and
     POST /bindings/revoke."""
-    app = Flask("imsa.control")
+    app = Flask("imsa.server.control")
     refusals = RefusalLimiter(log, logging.WARNING)
 
     @app.before_request
@@ -129,7 +129,7 @@ def create_app(store, owner_uid, info, on_stop, bindings=None):
         return jsonify(store.credentials_for(spec).to_json())
 
     if bindings is not None:
-        from imsa.execs import BindingError
+        from imsa.server.execs import BindingError
 
         @app.post("/bindings")
         def bind():
