@@ -2,9 +2,12 @@
 """The command line: argparse + argcomplete, the only place that prints errors for people and picks exit codes.
 
 Nothing heavy is imported here at module level (no boto3, Flask or waitress), so completion and status stay fast.
+Each command registers its handler by name (``run="roles.assume"``: imsa.commands.roles.assume), and only the
+module of the command that runs is imported.
 """
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -24,6 +27,11 @@ EXIT_MEANINGS = {
     EXIT_STS: "MFA or STS", EXIT_SERVICE: "service not running", EXIT_INTERRUPTED: "interrupted",
 }
 SERVICE_CODES = (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_SERVICE, EXIT_INTERRUPTED)
+# The package of the handlers a command's ``run`` names.
+HANDLERS = "imsa.commands"
+# What every command's namespace holds besides the handler's arguments: the command's name, its registration and
+# the global flags. A handler gets a global flag only when it registers for it (``flags=("debug",)``).
+NOT_ARGUMENTS = ("command", "run", "flags", "prepare", "debug", "verbose")
 
 
 def _complete_profiles(prefix, **_kwargs):
@@ -58,34 +66,42 @@ def build_parser():
     )
     parser.add_argument("--version", action="version", version=f"imsa {__version__}")
     _add_global_flags(parser, suppress=False)
-    flags = argparse.ArgumentParser(add_help=False)
-    _add_global_flags(flags, suppress=True)
+    flags_parser = argparse.ArgumentParser(add_help=False)
+    _add_global_flags(flags_parser, suppress=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name, help, example, codes=SERVICE_CODES, meanings=None, lead="", **kwargs):
-        return commands.add_parser(
-            name, help=help, description=help[0].upper() + help[1:] + ".", parents=[flags],
+    def command(name, help, example, codes=SERVICE_CODES, meanings=None, lead="", *, run, flags=(), prepare=None,
+                **kwargs):
+        """A command's parser; *run* names its handler (``module.function`` in imsa/commands/), *flags* the global
+        flags it is given, *prepare* a step on the parsed arguments before it runs. The parser's dests are the
+        handler's parameter names."""
+        parser = commands.add_parser(
+            name, help=help, description=help[0].upper() + help[1:] + ".", parents=[flags_parser],
             epilog=_epilog(example, codes, meanings, lead), formatter_class=argparse.RawDescriptionHelpFormatter,
             **kwargs,
         )
+        parser.set_defaults(run=run, flags=flags, prepare=prepare)
+        return parser
 
     start = command("start", "start the service", "sudo imsa start   (development: imsa start --listen 127.0.0.1:8080)",
-                    (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED), {EXIT_ERROR: "it did not start"})
+                    (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED), {EXIT_ERROR: "it did not start"},
+                    run="service.start", flags=("debug",))  # the background service logs as the command asked
     start.add_argument("--listen", metavar="ADDR:PORT", help="where IMDS listens (default 169.254.169.254:80)")
     start.add_argument("--foreground", action="store_true", help="serve in this process (for systemd)")
     start.add_argument("--allow-imdsv1", action="store_true", help="also answer requests without an IMDSv2 token")
     start.add_argument("--user", metavar="NAME", help="when run as root: the user to serve (default: SUDO_USER)")
     start.add_argument("--report-ready", action="store_true", help=argparse.SUPPRESS)
 
-    command("stop", "stop the service", "imsa stop", (EXIT_OK, EXIT_ERROR, EXIT_SERVICE))
+    command("stop", "stop the service", "imsa stop", (EXIT_OK, EXIT_ERROR, EXIT_SERVICE), run="service.stop")
 
     status = command("status", "show what the service serves", "imsa status --json",
                      (EXIT_OK, EXIT_ERROR, EXIT_SERVICE),
-                     {EXIT_OK: "valid credentials served", EXIT_ERROR: "nothing valid served"})
-    status.add_argument("--json", action="store_true", help="print JSON")
+                     {EXIT_OK: "valid credentials served", EXIT_ERROR: "nothing valid served"}, run="service.status")
+    status.add_argument("--json", action="store_true", dest="as_json", help="print JSON")
 
-    assume = command("assume", "make PROFILE the role every SDK on the machine gets", "imsa assume admin")
-    assume.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
+    assume = command("assume", "make PROFILE the role every SDK on the machine gets", "imsa assume admin",
+                     run="roles.assume")
+    assume.add_argument("name", metavar="PROFILE").completer = _complete_profiles
     assume.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
 
     export = command(
@@ -93,9 +109,11 @@ def build_parser():
         'eval "$(imsa export admin)"   (and back: eval "$(imsa export --unset)")',
         (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_INTERRUPTED),
         usage="imsa export PROFILE [--format sh|fish|json] [--mfa-token CODE]\n       imsa export --unset [--format sh|fish]",
+        run="roles.export",
     )
-    export.add_argument("profile", metavar="PROFILE", nargs="?").completer = _complete_profiles
-    export.add_argument("--format", choices=("sh", "fish", "json"), default="sh", help="output format (default sh)")
+    export.add_argument("name", metavar="PROFILE", nargs="?").completer = _complete_profiles
+    export.add_argument("--format", choices=("sh", "fish", "json"), default="sh", dest="fmt",
+                        help="output format (default sh)")
     export.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
     export.add_argument("--unset", action="store_true", help="print the lines that unset what imsa export sets")
 
@@ -105,20 +123,22 @@ def build_parser():
         (EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_SERVICE, 126, 127), {126: "cannot run", 127: "command not found"},
         lead="the command's own status once it runs; before that ",
         usage="imsa exec PROFILE [--mode ecs|static] [--mfa-token CODE] [-- COMMAND [ARGS...]]",
+        run="exec.exec_command", prepare=_prepare_exec,
     )
-    run_as.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
+    run_as.add_argument("name", metavar="PROFILE").completer = _complete_profiles
     _add_exec_options(run_as)
     run_as.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
                         help="the command to run (default: $SHELL)")
 
     process = command(
         "credential-process", "print PROFILE's credentials for credential_process in ~/.aws/config",
-        "credential_process = imsa credential-process admin   (in ~/.aws/config)",
+        "credential_process = imsa credential-process admin   (in ~/.aws/config)", run="exec.credential_process",
     )
-    process.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
+    process.add_argument("name", metavar="PROFILE").completer = _complete_profiles
 
-    console = command("console", "open the AWS console signed in with PROFILE's role", "imsa console admin --print")
-    console.add_argument("profile", metavar="PROFILE").completer = _complete_profiles
+    console = command("console", "open the AWS console signed in with PROFILE's role", "imsa console admin --print",
+                      run="console.console")
+    console.add_argument("name", metavar="PROFILE").completer = _complete_profiles
     console.add_argument("--print", action="store_true", dest="print_url", help="print the sign-in URL instead of opening it")
     console.add_argument("--duration", type=int, metavar="S", help="console session length in seconds, 900-43200")
     console.add_argument("--destination", metavar="URL", help="the console page to land on")
@@ -127,20 +147,24 @@ def build_parser():
     install = command(
         "install-service", "install and enable the systemd units for USER (as root)",
         "sudo imsa install-service alice   (files only: --unit-dir DIR)", (EXIT_OK, EXIT_ERROR, EXIT_USAGE),
+        run="install.install_service",
     )
     install.add_argument("user", nargs="?", metavar="USER", help="the user the service serves (default: SUDO_USER)")
     install.add_argument("--unit-dir", metavar="DIR", help="write the units to DIR instead, and enable nothing")
-    install.add_argument("--no-enable", action="store_true", help="write the units only: no daemon-reload, no enable")
+    install.add_argument("--no-enable", action="store_false", dest="enable",
+                         help="write the units only: no daemon-reload, no enable")
 
     hook = command(
         "shell-init", "print the shell hook that keeps AWS_REGION in step with the profile imsa serves",
         'eval "$(imsa shell-init bash)"   (in ~/.bashrc; fish: imsa shell-init fish | source)', (EXIT_OK, EXIT_USAGE),
+        run="shell.shell_init",
     )
     hook.add_argument("shell", choices=SHELLS, metavar="bash|zsh|fish")
 
     completion = command(
         "completion", "print the shell code that completes imsa's commands and profile names",
         'eval "$(imsa completion bash)"   (in ~/.bashrc; fish: imsa completion fish | source)', (EXIT_OK, EXIT_USAGE),
+        run="shell.completion",
     )
     completion.add_argument("shell", choices=SHELLS, metavar="bash|zsh|fish")
     return parser
@@ -150,6 +174,12 @@ def _add_exec_options(parser):
     parser.add_argument("--mode", choices=("ecs", "static"), default="ecs",
                         help="ecs: refreshed through the service's endpoint (default); static: plain AWS_* variables")
     parser.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
+
+
+def _prepare_exec(args):
+    """``imsa exec``'s remainder: options given after PROFILE into *args*, the command after ``--`` as *argv*."""
+    args.argv = _exec_command(args)
+    _set_log_level(args)  # -v given after PROFILE counts too
 
 
 def _exec_command(args):
@@ -181,49 +211,14 @@ def _only_exec_options(words):
 
 
 def run(args):
-    """Dispatch parsed *args* to the command modules (imsa/commands/)."""
-    if args.command == "shell-init":  # in every new shell: nothing but the hook's own module
-        from imsa import rundir, shell
-
-        sys.stdout.write(shell.shell_init(args.shell, rundir.expected_service_uid()))
-        return EXIT_OK
-    if args.command == "completion":
-        from imsa import shell
-
-        sys.stdout.write(shell.completion(args.shell))
-        return EXIT_OK
-    from imsa.commands import roles, service
-
-    if args.command == "start":
-        return service.start(args.listen, args.allow_imdsv1, args.foreground, args.user, debug=args.debug,
-                              report_ready=args.report_ready)
-    if args.command == "stop":
-        return service.stop()
-    if args.command == "status":
-        return service.status(args.json)
-    if args.command == "assume":
-        return roles.assume(args.profile, args.mfa_token)
-    if args.command == "export":
-        return roles.export(args.profile, args.format, args.mfa_token, unset=args.unset)
-    if args.command == "exec":
-        from imsa.commands import exec as commands_exec
-
-        command = _exec_command(args)
-        _set_log_level(args)  # -v given after PROFILE counts too
-        return commands_exec.exec_command(args.profile, command, args.mode, args.mfa_token)
-    if args.command == "credential-process":
-        from imsa.commands import exec as commands_exec
-
-        return commands_exec.credential_process(args.profile)
-    if args.command == "console":
-        from imsa.commands import console
-
-        return console.console(args.profile, args.print_url, args.duration, args.destination, args.mfa_token)
-    if args.command == "install-service":
-        from imsa.commands import install
-
-        return install.install_service(args.user, args.unit_dir, enable=not args.no_enable)
-    raise AssertionError(args.command)
+    """Run the handler the command registered: imported only now, called with the parsed arguments as keywords."""
+    if args.prepare:
+        args.prepare(args)
+    module, _, function = args.run.rpartition(".")
+    handler = getattr(importlib.import_module(f"{HANDLERS}.{module}"), function)
+    values = {name: value for name, value in vars(args).items() if name not in NOT_ARGUMENTS}
+    values.update((flag, getattr(args, flag)) for flag in args.flags)
+    return handler(**values)
 
 
 def _set_log_level(args):

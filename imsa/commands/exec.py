@@ -117,17 +117,17 @@ def run_child(command, env, popen=subprocess.Popen, pass_fds=()):
     return code if code >= 0 else 128 - code
 
 
-def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None, prompt=None, sts_factory=None,
+def exec_command(name, argv, mode="ecs", mfa_token=None, io=None, client=None, prompt=None, sts_factory=None,
                  environ=None, popen=subprocess.Popen):
-    """Run *command* with profile *name*'s role; its exit status is ours."""
+    """Run the command *argv* with profile *name*'s role; its exit status is ours."""
     io = io or Io()
     environ = os.environ if environ is None else environ
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
     profile = load_profile(name, io)
-    shell_only = not command  # as aws-vault does: a shell with the role, until it exits
+    shell_only = not argv  # as aws-vault does: a shell with the role, until it exits
     if shell_only:
-        command = [environ.get("SHELL") or DEFAULT_SHELL]
+        argv = [environ.get("SHELL") or DEFAULT_SHELL]
     outer = environ.get("IMSA_PROFILE")
     if outer:
         io.say(f"imsa: nested exec: {name} (inner) wins over {outer} (outer) for this command")
@@ -144,8 +144,8 @@ def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None
         )
         values = dict(creds.to_env(), IMSA_PROFILE_EXPIRATION=format_time(creds.expiration))
         if shell_only:
-            io.say(f"imsa: starting {command[0]} with {name}'s role; exit it to come back")
-        return run_child(command, child_environment(environ, profile, values), popen)
+            io.say(f"imsa: starting {argv[0]} with {name}'s role; exit it to come back")
+        return run_child(argv, child_environment(environ, profile, values), popen)
 
     try:
         client.status()  # fail fast (exit 5) before asking for an MFA code
@@ -167,9 +167,9 @@ def exec_command(name, command, mode="ecs", mfa_token=None, io=None, client=None
                 "AWS_CONTAINER_AUTHORIZATION_TOKEN": endpoint.token,
             }
             if shell_only:
-                io.say(f"imsa: starting {command[0]} with {name}'s role; exit it to come back")
+                io.say(f"imsa: starting {argv[0]} with {name}'s role; exit it to come back")
             # The command holds the listening socket too: its port cannot be taken by anyone while it runs.
-            return run_child(command, child_environment(environ, profile, values), popen, pass_fds=(endpoint.fileno(),))
+            return run_child(argv, child_environment(environ, profile, values), popen, pass_fds=(endpoint.fileno(),))
     finally:
         source.revoke()
 
