@@ -134,11 +134,15 @@ class Client:
         """The session the service holds for *fingerprint* ({fingerprint, expiration}) or None."""
         return self._call("GET", f"/sessions/{fingerprint}", missing_ok=True)
 
-    def put_session(self, fingerprint, credentials, settings):
-        """Hand a new MFA session (temporary credentials only) to the service, with the StsSettings it was made
-        with: the service's AssumeRole calls from it reach STS the same way."""
-        return self._call("POST", "/sessions", {"fingerprint": fingerprint, "credentials": credentials.to_json(),
-                                                "sts": settings.to_json()})
+    def put_session(self, fingerprint, credentials, settings, kind="credentials", label=None):
+        """Hand a new session (temporary material only: for *kind* ``credentials``, temporary credentials) to the
+        service, with the StsSettings it was made with (the service's calls from it reach STS the same way) and
+        the *label* that names its source in status."""
+        body = {"fingerprint": fingerprint, "kind": kind, "credentials": credentials.to_json(),
+                "sts": settings.to_json()}
+        if label:
+            body["label"] = label
+        return self._call("POST", "/sessions", body)
 
     def activate(self, spec):
         """Make the profile of *spec* the one IMDS serves."""

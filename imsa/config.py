@@ -1,4 +1,8 @@
-"""~/.imsa: YAML profiles validated once into frozen Profile objects."""
+"""~/.imsa: YAML profiles validated once into frozen Profile objects, and which file a profile name comes from.
+
+A name is looked up in ``~/.imsa`` first, then in ``~/.aws/config`` (imsa/sources/aws_config.py), which is read only
+when ~/.imsa does not have the name: the profiles of ~/.imsa never pay for botocore's loader.
+"""
 
 # difflib, getpass and hashlib are imported where they are used: imsa status and imsa export import this module.
 
@@ -72,15 +76,28 @@ class Profile:
     mfa_process: str = None
     duration_seconds: int = DEFAULT_ROLE_DURATION
     session_duration_seconds: int = DEFAULT_SESSION_DURATION
-    source: str = ""
+    origin: str = ""
+    notes = ()
+
+    @property
+    def source(self):
+        """Where the session comes from: the profile's keys and MFA device (imsa/sources/iam_user.py)."""
+        from imsa.sources.iam_user import Keys
+
+        return Keys(self.aws_access_key_id, self.aws_secret_access_key, self.mfa_serial_number, self.mfa_process,
+                    self.session_duration_seconds, self.region)
 
     @property
     def fingerprint(self):
         """Names the MFA session this profile uses: a hash of key id and MFA serial, never of the secret."""
-        import hashlib
+        return self.source.fingerprint
 
-        text = f"{self.aws_access_key_id}\0{self.mfa_serial_number or ''}"
-        return hashlib.sha256(text.encode()).hexdigest()[:32]
+    @property
+    def hops(self):
+        """The role assumed from the session: this profile's, if it has one."""
+        from imsa.sources import Hop
+
+        return (Hop(self.role_arn, self.session_name, self.duration_seconds, self.external_id),) if self.role_arn else ()
 
     @property
     def session_name(self):
@@ -89,15 +106,9 @@ class Profile:
 
     def role_spec(self):
         """What the service needs to assume this profile's role: no long-term secret in it."""
-        return {
-            "profile": self.name,
-            "fingerprint": self.fingerprint,
-            "role_arn": self.role_arn,
-            "role_session_name": self.session_name,
-            "duration_seconds": self.duration_seconds,
-            "external_id": self.external_id,
-            "region": self.region,
-        }
+        from imsa.sources import role_spec
+
+        return role_spec(self)
 
 
 class Config:
@@ -134,7 +145,7 @@ class Config:
         for key in ("aws_access_key_id", "aws_secret_access_key"):
             if not merged.get(key):
                 raise ConfigError(f"{self._where(name)}: missing {key!r} (set it here or in a profile it extends)")
-        return Profile(name=name, source=self.path, **merged)
+        return Profile(name=name, origin=self.path, **merged)
 
     def _chain(self, name):
         chain = [name]
@@ -412,11 +423,26 @@ def _plain_top_level_keys(text):
 
 
 def profile_names(path=None):
-    """Profile names for shell completion: a cheap parse, never an error.
+    """Profile names for shell completion, ~/.imsa's and ~/.aws/config's: a cheap parse, never an error.
 
     Importing PyYAML is about a third of a completion's time (scripts/bench.py), so a plainly written file's
     top-level keys are read line by line; anything unusual goes to the YAML parser.
     """
+    return sorted(set(_imsa_names(path)) | set(_aws_names()))
+
+
+def _aws_names():
+    """The AWS config files' profile names, or none when they cannot be read."""
+    try:
+        from imsa.sources import aws_config
+
+        return aws_config.load().names
+    except Exception:  # completion must never fail loudly
+        return []
+
+
+def _imsa_names(path=None):
+    """~/.imsa's profile names (see profile_names)."""
     try:
         with open(path or config_path(), encoding="utf-8") as handle:
             text = handle.read()
@@ -430,3 +456,51 @@ def profile_names(path=None):
     except Exception:  # completion must never fail loudly
         return []
     return sorted(names)
+
+
+# --- one name, two files ---
+
+
+def resolve(name, warn=None, environ=None):
+    """Profile *name*: from ~/.imsa when it has it, else from the AWS config files; ConfigError naming both files
+    (with the closest name) when neither has it."""
+    from imsa.sources import aws_config
+
+    path = config_path()
+    imsa_config = None
+    if os.path.exists(path):
+        imsa_config = load(path, warn=warn)
+        if name in imsa_config.names:
+            return imsa_config.get(name)
+    files = aws_config.load(environ)
+    if name in files.profiles:
+        return files.get(name, environ)
+    import difflib
+
+    known = sorted(set(imsa_config.names if imsa_config else ()) | set(files.names))
+    hint = difflib.get_close_matches(name, known, n=1)
+    listed = ", ".join(repr(known_name) for known_name in known) or "none"
+    suffix = f" (did you mean {hint[0]!r}?)" if hint else f" (profiles: {listed})"
+    where = path if imsa_config is not None else f"{path} (no such file)"
+    raise ConfigError(f"no profile {name!r} in {where} or {files.config_path}{suffix}")
+
+
+def catalog(warn=None, environ=None):
+    """Every profile name of both files: a list of (name, origin, Profile or the ConfigError that resolving it gave,
+    the origin of a profile of that name it shadows or None). ~/.imsa's own errors stop everything, as they do for
+    every command; one bad ~/.aws/config profile is reported in its row."""
+    from imsa.sources import aws_config
+
+    path = config_path()
+    imsa_config = load(path, warn=warn) if os.path.exists(path) else None
+    files = aws_config.load(environ)
+    rows = []
+    for name in sorted(set(imsa_config.names if imsa_config else ()) | set(files.names)):
+        in_imsa = imsa_config is not None and name in imsa_config.names
+        try:
+            profile = imsa_config.get(name) if in_imsa else files.get(name, environ)
+        except ConfigError as error:
+            profile = error
+        shadowed = files.config_path if in_imsa and name in files.profiles else None
+        rows.append((name, path if in_imsa else None, profile, shadowed))
+    return rows

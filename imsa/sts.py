@@ -234,6 +234,15 @@ def assume_role(session, spec, client_factory=sts_client, now=utcnow):
     return Credentials.from_sts(answer["Credentials"], now())
 
 
+def assume_chain(session, spec, client_factory=sts_client, now=utcnow):
+    """The minter of sessions of AWS credentials (sources.MINTERS): AssumeRole through each hop of *spec*'s ``via``
+    (a ~/.aws/config chain), then the final role, every call signed by the credentials the previous one returned."""
+    credentials = session
+    for hop in spec.get("via") or ():
+        credentials = assume_role(credentials, dict(spec, **hop), client_factory, now)
+    return assume_role(credentials, spec, client_factory, now)
+
+
 def open_terminal():
     """The controlling terminal, unbuffered binary (a text-mode "r+" open of /dev/tty fails: it cannot seek); or None."""
     try:

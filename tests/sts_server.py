@@ -86,6 +86,28 @@ def install_role_knobs(role_lifetime, issued):
     STSBackend.assume_role = assume_role
 
 
+def install_role_principals():
+    """A trust policy that names a role also trusts that role's sessions, as in AWS (role chaining).
+
+    moto compares a caller's ARN with the policy's principals literally, so the session of an assumed role
+    (``arn:aws:sts::ACCOUNT:assumed-role/ROLE/SESSION``) never matched ``arn:aws:iam::ACCOUNT:role/ROLE``.
+    """
+    from moto.iam.access_control import IAMPolicyStatement
+
+    original = IAMPolicyStatement._check_principal
+
+    def check_principal(self, principal):
+        if original(self, principal):
+            return True
+        parts = principal.split(":", 5)
+        if len(parts) == 6 and parts[2] == "sts" and parts[5].startswith("assumed-role/"):
+            role = parts[5].split("/")[1]
+            return original(self, f"arn:{parts[1]}:iam::{parts[4]}:role/{role}")
+        return False
+
+    IAMPolicyStatement._check_principal = check_principal
+
+
 def install_session_credentials(mfa_code, session_lifetime=None, issued=None):
     """Patch moto so that GetSessionToken credentials are real, per-caller and authenticated."""
     from moto.core.responses import ActionResult
@@ -167,12 +189,20 @@ def populate(endpoint):
             UserName=user, PolicyName="sts",
             PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:*", "Resource": "*"}]}),
         )
+    # The users, and each of ROLES for role chaining (~/.aws/config: a role whose source is another role).
     trusted = [f"arn:aws:iam::{ACCOUNT}:user/{user}" for user in USERS]
+    trusted += [f"arn:aws:iam::{ACCOUNT}:role/{role}" for role in ROLES]
     roles = {}
     for role in ROLES + (DENIED_ROLE,):
         principal = trusted if role != DENIED_ROLE else f"arn:aws:iam::{ACCOUNT}:user/nobody"
         trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": principal}, "Action": "sts:AssumeRole"}]}
         roles[role] = iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+        if role != DENIED_ROLE:  # what a role's credentials may do: assume the next role of a chain, no more
+            iam.put_role_policy(
+                RoleName=role, PolicyName="chain",
+                PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+                    {"Effect": "Allow", "Action": ["sts:AssumeRole", "sts:GetCallerIdentity"], "Resource": "*"}]}),
+            )
     path, name = PATH_ROLE
     trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": trusted}, "Action": "sts:AssumeRole"}]}
     roles[name] = iam.create_role(Path=path, RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
@@ -198,6 +228,7 @@ def main():
     issued = Issued(args.issued_log)
     install_session_credentials(args.mfa_code, args.session_lifetime, issued)
     install_role_knobs(args.role_lifetime, issued)
+    install_role_principals()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=args.port, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

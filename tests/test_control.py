@@ -100,6 +100,16 @@ def test_root_or_the_owner_is_allowed(service):
     assert service.client.status()["pid"] == service.pid
 
 
+ROLE_A = "arn:aws:iam::123456789012:role/role-a"
+
+
+def _spec(**fields):
+    """A spec body with a valid role, then *fields* (None removes one)."""
+    body = {"profile": "a", "fingerprint": "0" * 32, "role_arn": ROLE_A, "role_session_name": "ab"}
+    body.update(fields)
+    return json.dumps({key: value for key, value in body.items() if value is not None}).encode()
+
+
 @pytest.mark.parametrize("content_type,body,status", [
     ("text/plain", b'{"fingerprint": "0"}', 415),
     ("application/x-www-form-urlencoded", b"a=b", 415),
@@ -114,6 +124,13 @@ def test_root_or_the_owner_is_allowed(service):
     ("application/json", b'{"profile": "a", "fingerprint": "' + b"0" * 32 + b'", "role_arn": "nope"}', 400),
     ("application/json", b'{"profile": "a", "fingerprint": "' + b"0" * 32 + b'", "extra": 1}', 400),
     ("application/json", b'{"profile": "a", "fingerprint": "' + b"0" * 32 + b'", "duration_seconds": true}', 400),
+    # ~/.aws/config chains: the hops before the role are checked as strictly as the role
+    ("application/json", _spec(via=[{"role_arn": "nope", "role_session_name": "ab"}]), 400),
+    ("application/json", _spec(via=[{"role_arn": ROLE_A, "role_session_name": "ab", "mfa": "123456"}]), 400),
+    ("application/json", _spec(via=[{"role_arn": ROLE_A}]), 400),
+    ("application/json", _spec(via=[{"role_arn": ROLE_A, "role_session_name": "ab"}] * 9), 400),
+    ("application/json", _spec(via=[{"role_arn": ROLE_A, "role_session_name": "ab"}], role_arn=None), 400),
+    ("application/json", _spec(origin="a\nforged line"), 400),
 ])
 @pytest.mark.parametrize("route", ["/activate", "/credentials"])
 def test_bad_bodies_get_a_json_error_never_a_500(service, route, content_type, body, status):

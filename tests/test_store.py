@@ -207,7 +207,7 @@ def test_short_lived_roles_rotate_at_half_their_lifetime(world):
 def test_the_refresher_thread_sleeps_until_woken_and_rotates(world):
     clock, sts, store = world
     rotated = threading.Event()
-    real_assume = store._assume
+    real_assume = store._minters["credentials"]
 
     def assume(session_creds, spec):
         creds = real_assume(session_creds, spec)
@@ -215,7 +215,7 @@ def test_the_refresher_thread_sleeps_until_woken_and_rotates(world):
             rotated.set()
         return creds
 
-    store._assume = assume
+    store._minters["credentials"] = assume
     store.activate(SPEC)
     store.start()
     try:
@@ -331,3 +331,33 @@ def test_regression_switch_grace_never_serves_expired_credentials_and_keeps_one_
     assert served.previous.spec == SPEC and served.previous.previous is None, "one step of history, no chain"
     store.activate(other)  # the same profile again: nothing is replaced
     assert store.served().previous.spec == SPEC
+
+
+def test_a_chain_is_minted_from_the_session_with_its_hops_and_status_names_the_source(world):
+    clock, sts, store = world
+    seen = []
+    real = store._minters["credentials"]
+
+    def mint(session_creds, spec):
+        seen.append((session_creds.access_key_id, spec["via"], spec["role_arn"]))
+        return real(session_creds, spec)
+
+    store._minters["credentials"] = mint
+    hop = ("arn:aws:iam::123456789012:role/role-a", "hop-a", 3600, "ext-1")
+    chained = RoleSpec(profile="b", fingerprint=FP, role_arn="arn:aws:iam::123456789012:role/role-b",
+                       role_session_name="t", via=(hop,), origin="/home/u/.aws/config")
+    store.put_session(FP, session(clock), label="keys ****0001 + MFA arn:aws:iam::123456789012:mfa/u")
+    store.activate(chained)
+    assert seen == [("ASIASESSION00000001", [{"role_arn": hop[0], "role_session_name": "hop-a",
+                                              "duration_seconds": 3600, "external_id": "ext-1"}],
+                     "arn:aws:iam::123456789012:role/role-b")]
+    active = store.status()["active"]
+    assert active["via"] == [hop[0]] and active["origin"] == "/home/u/.aws/config"
+    assert active["source"].startswith("keys ****0001")
+    assert store.status()["sessions"][0]["kind"] == "credentials"
+
+
+def test_a_session_of_an_unknown_kind_is_refused(world):
+    clock, _, store = world
+    with pytest.raises(ValueError, match="unknown session kind"):
+        store.put_session(FP, session(clock), kind="telepathy")

@@ -112,7 +112,11 @@ def create_app(store, owner_uid, info, on_stop, bindings=None):
             if "sts" not in data:
                 raise ValueError("'sts' (how the session was made: endpoint, region, proxies, CA bundle) is required")
             settings = StsSettings.from_json(data["sts"])
-            store.put_session(data.get("fingerprint"), creds, settings)
+            kind = data.get("kind", "credentials")  # the one kind older clients sent
+            label = data.get("label")
+            if label is not None and (not isinstance(label, str) or not 0 < len(label) <= 256 or not label.isprintable()):
+                raise ValueError("'label' must be printable text of 1-256 characters")
+            store.put_session(data.get("fingerprint"), creds, settings, kind=kind, label=label)
         except ValueError as error:
             raise BadRequest(str(error)) from None
         return jsonify(fingerprint=data["fingerprint"], expiration=format_time(creds.expiration))

@@ -1,6 +1,8 @@
 """Sessions and role credentials in memory: atomic swaps, and the refresher thread that rotates them.
 
 Nothing here runs on an IMDS request: readers take ``served()``, one attribute read, and never wait for STS.
+A session is held with its kind (imsa/sources: the kind names the minter that makes role credentials from it);
+rotation, backoff and the swaps below are the same for every kind.
 """
 
 import dataclasses
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from imsa.credentials import Credentials, format_time, mask, utcnow
 from imsa.errors import StsError
 from imsa.limits import MAX_ROLE_DURATION, MIN_DURATION, PATTERNS
+from imsa.sources import MINTERS
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +27,56 @@ RETRY_MAX = datetime.timedelta(minutes=5)
 IDLE_WAKE = datetime.timedelta(hours=1)
 
 
+# Bounds of what the control plane accepts: hops before the final role (a ~/.aws/config chain), and text for people.
+MAX_HOPS = 8
+MAX_TEXT = 1024
+HOP_FIELDS = ("role_arn", "role_session_name", "duration_seconds", "external_id")
+
+
 class SpecError(ValueError):
     """A role spec sent to the control plane is malformed."""
+
+
+def _check_text(name, value, limit=MAX_TEXT):
+    """*value* if it is None or printable text of at most *limit* characters, else SpecError."""
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= limit or not value.isprintable()):
+        raise SpecError(f"{name!r} must be printable text of 1-{limit} characters")
+    return value
+
+
+def _check_role(data, where=""):
+    """The validated role_arn, role_session_name, duration_seconds and external_id of *data* (a spec or a hop)."""
+    duration = data.get("duration_seconds", MAX_ROLE_DURATION)
+    if isinstance(duration, bool) or not isinstance(duration, int) or not MIN_DURATION <= duration <= MAX_ROLE_DURATION:
+        raise SpecError(f"{where}'duration_seconds' must be a whole number from {MIN_DURATION} to {MAX_ROLE_DURATION}")
+    fields = {"duration_seconds": duration}
+    for name in ("role_arn", "role_session_name", "external_id", "region"):
+        value = data.get(name)
+        if value is None:
+            continue
+        pattern, description = PATTERNS[name]
+        if not isinstance(value, str) or not pattern.match(value):
+            raise SpecError(f"{where}{name!r} must be {description}")
+        fields[name] = value
+    return fields
+
+
+def _check_hops(value):
+    """The ``via`` hops of a spec as a tuple of (role_arn, role_session_name, duration_seconds, external_id)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_HOPS:
+        raise SpecError(f"'via' must be a list of at most {MAX_HOPS} roles")
+    hops = []
+    for number, hop in enumerate(value, 1):
+        where = f"'via' role {number}: "
+        if not isinstance(hop, dict) or set(hop) - set(HOP_FIELDS):
+            raise SpecError(f"{where}must be an object with only {', '.join(HOP_FIELDS)}")
+        fields = _check_role(hop, where)
+        if "role_arn" not in fields or "role_session_name" not in fields:
+            raise SpecError(f"{where}needs 'role_arn' and 'role_session_name'")
+        hops.append(tuple(fields.get(name) for name in HOP_FIELDS))
+    return tuple(hops)
 
 
 @dataclass(frozen=True)
@@ -39,6 +90,10 @@ class RoleSpec:
     duration_seconds: int = MAX_ROLE_DURATION
     external_id: str = None
     region: str = None
+    # The roles assumed before role_arn, in order (a ~/.aws/config chain): (role_arn, role_session_name,
+    # duration_seconds, external_id) each; and the file the profile came from, for status.
+    via: tuple = ()
+    origin: str = None
 
     @classmethod
     def from_json(cls, data):
@@ -54,19 +109,12 @@ class RoleSpec:
         fingerprint = data.get("fingerprint")
         if not _is_fingerprint(fingerprint):
             raise SpecError("'fingerprint' must be 32 hex characters")
-        duration = data.get("duration_seconds", MAX_ROLE_DURATION)
-        if isinstance(duration, bool) or not isinstance(duration, int) or not MIN_DURATION <= duration <= MAX_ROLE_DURATION:
-            raise SpecError(f"'duration_seconds' must be a whole number from {MIN_DURATION} to {MAX_ROLE_DURATION}")
-        fields = {}
-        for name in ("role_arn", "role_session_name", "external_id", "region"):
-            value = data.get(name)
-            if value is None:
-                continue
-            pattern, description = PATTERNS[name]
-            if not isinstance(value, str) or not pattern.match(value):
-                raise SpecError(f"{name!r} must be {description}")
-            fields[name] = value
-        return cls(profile=profile, fingerprint=fingerprint, duration_seconds=duration, **fields)
+        fields = _check_role(data)
+        via = _check_hops(data.get("via"))
+        if via and "role_arn" not in fields:
+            raise SpecError("'via' needs a final 'role_arn'")
+        return cls(profile=profile, fingerprint=fingerprint, via=via, origin=_check_text("origin", data.get("origin")),
+                   **fields)
 
     @property
     def role_name(self):
@@ -100,6 +148,25 @@ class Served:
     since: datetime.datetime = None
 
 
+@dataclass(frozen=True)
+class Session:
+    """A session as the service holds it: its kind (which minter makes role credentials from it), the material
+    (for ``credentials``: Credentials), when it ends, and the label that tells people its source (no secret)."""
+
+    kind: str
+    material: object
+    expiration: datetime.datetime
+    label: str = None
+
+    def expired(self, now):
+        """True once the session has ended."""
+        return self.expiration <= now
+
+    def remaining(self, now):
+        """Time left before the session ends (negative once it has)."""
+        return self.expiration - now
+
+
 @dataclass
 class _Entry:
     credentials: Credentials = None
@@ -112,11 +179,9 @@ class Store:
     """MFA sessions by fingerprint, role credentials by RoleSpec, the active profile, and their refresher."""
 
     def __init__(self, assume=None, clock=utcnow):
-        if assume is None:
-            from imsa import sts
-
-            assume = sts.assume_role
-        self._assume = assume
+        # One minter per session kind (sources.MINTERS), imported when first used; *assume* replaces the minter of
+        # ``credentials`` sessions (tests inject a fake STS).
+        self._minters = {"credentials": assume} if assume is not None else {}
         self._clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -132,15 +197,18 @@ class Store:
 
     # --- sessions ---
 
-    def put_session(self, fingerprint, credentials, settings=None):
-        """Keep an MFA session pushed by the CLI, with the StsSettings it was made with (every AssumeRole from it
-        reaches STS that way); ValueError if it is already expired."""
+    def put_session(self, fingerprint, credentials, settings=None, kind="credentials", label=None):
+        """Keep a session pushed by the CLI — *credentials* is its material, of *kind* — with the StsSettings it was
+        made with (every call from it reaches STS that way); ValueError if it is already expired or of no known
+        kind."""
         if not _is_fingerprint(fingerprint):
             raise ValueError("'fingerprint' must be 32 hex characters")
+        if kind not in MINTERS:
+            raise ValueError(f"unknown session kind {kind!r}")
         if credentials.expired(self._clock()):
             raise ValueError("the session has already expired")
         with self._lock:
-            self._sessions[fingerprint] = credentials
+            self._sessions[fingerprint] = Session(kind, credentials, credentials.expiration, label)
             self._sts[fingerprint] = settings
             for spec, entry in self._entries.items():
                 if spec.fingerprint == fingerprint:
@@ -149,12 +217,21 @@ class Store:
         log.info("session %s stored, expires %s", fingerprint[:8], format_time(credentials.expiration))
 
     def session(self, fingerprint):
-        """The session for *fingerprint* if it has not expired, else None."""
+        """The Session for *fingerprint* if it has not expired, else None."""
         with self._lock:
-            credentials = self._sessions.get(fingerprint)
-        if credentials is None or credentials.expired(self._clock()):
+            session = self._sessions.get(fingerprint)
+        if session is None or session.expired(self._clock()):
             return None
-        return credentials
+        return session
+
+    def _minter(self, kind):
+        """The minter of sessions of *kind*, imported on first use."""
+        if kind not in self._minters:
+            import importlib
+
+            module, _, function = MINTERS[kind].partition(":")
+            self._minters[kind] = getattr(importlib.import_module(module), function)
+        return self._minters[kind]
 
     # --- role credentials ---
 
@@ -175,9 +252,9 @@ class Store:
         if spec.role_arn:
             with self._lock:
                 settings = self._sts.get(spec.fingerprint)
-            credentials = self._assume(session, dict(_spec_dict(spec), sts=settings))
+            credentials = self._minter(session.kind)(session.material, dict(_spec_dict(spec), sts=settings))
         else:
-            credentials = session
+            credentials = session.material
         with self._lock:
             entry = self._entries.setdefault(spec, _Entry())
             entry.credentials, entry.failures, entry.retry_at, entry.error = credentials, 0, None, None
@@ -233,16 +310,18 @@ class Store:
         now = self._clock()
         served = self._served
         with self._lock:
-            sessions = {fp: creds for fp, creds in self._sessions.items()}
+            sessions = dict(self._sessions)
             settings = dict(self._sts)
             entry = self._entries.get(served.spec) if served else None
             error = entry.error if entry else None
         data = {"active": None, "sessions": []}
-        for fingerprint, creds in sorted(sessions.items()):
+        for fingerprint, held in sorted(sessions.items()):
             data["sessions"].append({
                 "fingerprint": fingerprint,
-                "expiration": format_time(creds.expiration),
-                "valid": not creds.expired(now),
+                "kind": held.kind,
+                "source": held.label,
+                "expiration": format_time(held.expiration),
+                "valid": not held.expired(now),
                 "sts": _describe(settings.get(fingerprint)),
             })
         if served:
@@ -252,6 +331,9 @@ class Store:
                 "profile": spec.profile,
                 "role_arn": spec.role_arn,
                 "role_name": spec.role_name,
+                "via": [hop[0] for hop in spec.via],
+                "origin": spec.origin,
+                "source": session.label if session else None,
                 "region": spec.region,
                 "access_key_id": mask(creds.access_key_id),
                 "expiration": format_time(creds.expiration),
@@ -270,7 +352,7 @@ class Store:
         """Rotate every active or pinned role that is due; return when to look again (None: nothing to do)."""
         now = self._clock()
         with self._lock:
-            for fingerprint in [fp for fp, creds in self._sessions.items() if creds.expired(now)]:
+            for fingerprint in [fp for fp, held in self._sessions.items() if held.expired(now)]:
                 del self._sessions[fingerprint]
                 self._sts.pop(fingerprint, None)
                 log.info("session %s expired", fingerprint[:8])
@@ -281,7 +363,8 @@ class Store:
             for spec in watched:
                 entry = self._entries.setdefault(spec, _Entry())
                 if spec.role_arn is None:
-                    session = self._sessions.get(spec.fingerprint)
+                    held = self._sessions.get(spec.fingerprint)
+                    session = held.material if held is not None else None
                     if session is not None and (entry.credentials is None or entry.credentials != session):
                         entry.credentials = session
                         if self._active == spec:
@@ -318,7 +401,7 @@ class Store:
             watched = set(self._pins)
             if self._active is not None:
                 watched.add(self._active)
-            moments = [creds.expiration for creds in self._sessions.values()]
+            moments = [held.expiration for held in self._sessions.values()]
             for spec in watched:
                 entry = self._entries.get(spec)
                 if entry is None or entry.credentials is None:
@@ -398,4 +481,5 @@ def _spec_dict(spec):
         "duration_seconds": spec.duration_seconds,
         "external_id": spec.external_id,
         "region": spec.region,
+        "via": [dict(zip(HOP_FIELDS, hop)) for hop in spec.via],
     }

@@ -1,0 +1,96 @@
+"""Sources: how a profile gets its session, and how the service turns a session into role credentials.
+
+A *source* is where a person (or a file, or a process) authenticates. The CLI asks the profile's source for a
+*session* — temporary material only, never a long-term key — and hands it to the service with
+``Client.put_session``. The service keeps it under the source's *fingerprint* (a hash that names the source, never
+a secret: every profile on the same source shares one session) and makes role credentials from it with the
+*minter* of the session's kind, in its refresher thread.
+
+The interface, CLI side (one module per source: ``iam_user``, ``process``, ``aws_config``…):
+
+- ``source.kind``: the session kind it makes (a key of MINTERS);
+- ``source.fingerprint``: 32 hex characters that name the source;
+- ``source.label``: what ``imsa status`` and ``imsa list`` show (no secret: key ids masked);
+- ``source.needs_person``: True when making a session may ask a person (an MFA code on the terminal);
+- ``source.new_session(mfa, settings, sts_factory)``: the session material (for ``credentials``: a Credentials).
+
+A resolved profile (``~/.imsa`` or ``~/.aws/config``) is a Profile: its name, where it was defined, its source,
+the role hops the service assumes from the session, and its region.
+
+Service side, MINTERS maps a session kind to the dotted name of its minter; the service imports it when it first
+mints. This module imports nothing heavy and nothing of the CLI's (no config loader, no boto3).
+"""
+
+import hashlib
+from dataclasses import dataclass
+
+# Session kind -> "module:function" of its minter, called as minter(material, spec) with spec a RoleSpec dict that
+# carries ``via`` (the hops before the final role) and ``sts`` (how the session's STS is reached).
+MINTERS = {
+    "credentials": "imsa.sts:assume_chain",
+}
+
+
+def fingerprint(*parts):
+    """32 hex characters naming a source from *parts* (key ids, serials, commands — never a secret)."""
+    text = "\0".join(part or "" for part in parts)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One AssumeRole the service makes on the way from the session to the profile's role."""
+
+    role_arn: str
+    role_session_name: str
+    duration_seconds: int
+    external_id: str = None
+
+    def to_json(self):
+        """The control plane's form of the hop."""
+        return {"role_arn": self.role_arn, "role_session_name": self.role_session_name,
+                "duration_seconds": self.duration_seconds, "external_id": self.external_id}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A resolved profile of any file: what the CLI needs to get its session and what the service needs to make
+    its credentials. *hops* are the roles assumed in order from the session (the last is the profile's role; none:
+    the session's own credentials are served). *notes* are said to the person when the profile is used."""
+
+    name: str
+    origin: str
+    source: object
+    hops: tuple = ()
+    region: str = None
+    notes: tuple = ()
+
+    @property
+    def role_arn(self):
+        """The profile's role, or None when it serves the session credentials."""
+        return self.hops[-1].role_arn if self.hops else None
+
+    @property
+    def fingerprint(self):
+        """The fingerprint of the profile's source: the key of its session in the service."""
+        return self.source.fingerprint
+
+    def role_spec(self):
+        """What the service needs to make this profile's credentials: no long-term secret in it."""
+        return role_spec(self)
+
+
+def role_spec(profile):
+    """The control plane's RoleSpec of any resolved *profile* (name, origin, fingerprint, hops, region)."""
+    final = profile.hops[-1] if profile.hops else None
+    return {
+        "profile": profile.name,
+        "fingerprint": profile.fingerprint,
+        "role_arn": final.role_arn if final else None,
+        "role_session_name": final.role_session_name if final else "imsa",
+        "duration_seconds": final.duration_seconds if final else 3600,
+        "external_id": final.external_id if final else None,
+        "region": profile.region,
+        "via": [hop.to_json() for hop in profile.hops[:-1]],
+        "origin": profile.origin,
+    }
