@@ -23,7 +23,7 @@ from imsa.shell import SHELLS
 MFA_HELP = "the 6-digit MFA code, or - to read it from stdin (else mfa_process or a prompt)"
 # What each exit code means, for the --help of every command (README, "Exit codes").
 EXIT_MEANINGS = {
-    EXIT_OK: "ok", EXIT_ERROR: "other error", EXIT_USAGE: "usage", EXIT_CONFIG: "configuration (~/.imsa)",
+    EXIT_OK: "ok", EXIT_ERROR: "other error", EXIT_USAGE: "usage", EXIT_CONFIG: "configuration (~/.imsa, ~/.aws/config)",
     EXIT_STS: "MFA or STS", EXIT_SERVICE: "service not running", EXIT_INTERRUPTED: "interrupted",
 }
 SERVICE_CODES = (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_SERVICE, EXIT_INTERRUPTED)
@@ -98,6 +98,10 @@ def build_parser():
                      (EXIT_OK, EXIT_ERROR, EXIT_SERVICE),
                      {EXIT_OK: "valid credentials served", EXIT_ERROR: "nothing valid served"}, run="service.status")
     status.add_argument("--json", action="store_true", dest="as_json", help="print JSON")
+
+    listing = command("list", "list every profile: its file, source, role, region and whether a session is held",
+                      "imsa list --json", (EXIT_OK, EXIT_ERROR, EXIT_CONFIG), run="profiles.list_profiles")
+    listing.add_argument("--json", action="store_true", dest="as_json", help="print JSON")
 
     assume = command("assume", "make PROFILE the role every SDK on the machine gets", "imsa assume admin",
                      run="roles.assume")

@@ -486,8 +486,8 @@ def resolve(name, warn=None, environ=None):
 
 
 def catalog(warn=None, environ=None):
-    """Every profile name of both files: a list of (name, origin, Profile or the ConfigError that resolving it gave,
-    the origin of a profile of that name it shadows or None). ~/.imsa's own errors stop everything, as they do for
+    """Every profile name of both files: a list of (name, the file that defines it, Profile or the ConfigError that
+    resolving it gave, the file whose profile of that name it shadows or None). ~/.imsa's own errors stop everything, as they do for
     every command; one bad ~/.aws/config profile is reported in its row."""
     from imsa.sources import aws_config
 
@@ -502,5 +502,5 @@ def catalog(warn=None, environ=None):
         except ConfigError as error:
             profile = error
         shadowed = files.config_path if in_imsa and name in files.profiles else None
-        rows.append((name, path if in_imsa else None, profile, shadowed))
+        rows.append((name, path if in_imsa else files.origin(name), profile, shadowed))
     return rows

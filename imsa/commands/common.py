@@ -14,7 +14,7 @@ import sys
 
 from imsa import config, shell
 from imsa.client import Client
-from imsa.credentials import Credentials, format_time, mask, parse_time, utcnow
+from imsa.credentials import Credentials, format_time, parse_time, utcnow
 from imsa.errors import ServiceNotRunning
 from imsa.shell import fish_quote
 
@@ -46,8 +46,27 @@ class Io:
 
 
 def load_profile(name, io):
-    """Profile *name* from the validated config; the permission warning goes to *io*."""
-    return config.load(warn=io.say).get(name)
+    """Profile *name* from ~/.imsa, else from the AWS config files; the permission warning and the profile's notes
+    (a duration cut to the role-chaining hour) go to *io*."""
+    profile = config.resolve(name, warn=io.say)
+    for note in profile.notes:
+        io.say(f"imsa: note: {note}")
+    return profile
+
+
+def mfa_codes(profile, mfa_token=None, prompt=None):
+    """Where the MFA codes of *profile*'s source come from: --mfa-token, mfa_process, else *prompt*."""
+    from imsa import sts
+
+    return sts.MfaSource(profile.source, mfa_token, prompt)
+
+
+def shown_path(path, home=None):
+    """*path* with the home directory written ``~``."""
+    home = home or os.path.expanduser("~")
+    if path and home != "/" and (path == home or path.startswith(home + os.sep)):
+        return "~" + path[len(home):]
+    return path
 
 
 def describe_left(expiration, now=None):
@@ -60,8 +79,9 @@ def describe_left(expiration, now=None):
 
 
 def ensure_session(profile, client, mfa, io, sts_factory=None):
-    """Make sure the service holds a session for *profile* with SESSION_MIN_LEFT; asks for MFA only if not."""
-    from imsa import sts, sts_settings
+    """Make sure the service holds a session for *profile*'s source with SESSION_MIN_LEFT; makes one (asking for
+    MFA where the source needs it) only if not."""
+    from imsa import sts_settings
 
     held = client.session(profile.fingerprint)
     if held is not None and parse_time(held["expiration"]) - utcnow() >= SESSION_MIN_LEFT:
@@ -69,9 +89,11 @@ def ensure_session(profile, client, mfa, io, sts_factory=None):
     # The STS settings this command uses go with the session: the service reaches STS the same way, whatever
     # environment sudo or systemd gave it.
     settings = sts_settings.resolve()
-    session = sts.new_session(profile, mfa, sts_factory or sts.sts_client, settings=settings)
-    client.put_session(profile.fingerprint, session, settings)
-    io.say(f"imsa: new MFA session for {mask(profile.aws_access_key_id)}, valid until {format_time(session.expiration)}")
+    source = profile.source
+    session = source.new_session(mfa, settings, sts_factory)
+    client.put_session(profile.fingerprint, session, settings, kind=source.kind, label=source.label)
+    what = "MFA session" if getattr(source, "mfa_serial_number", None) else "session"
+    io.say(f"imsa: new {what} from {source.label}, valid until {format_time(session.expiration)}")
     return True
 
 
@@ -126,7 +148,8 @@ def region_advice(profile, environ=None):
                 f"the profile's region with {hook} (README, \"Shell set-up\")")
     if not region:
         return (f"profile {profile.name} names no region and this shell has none: boto3 and the AWS CLI v1 will fail "
-                f"with \"You must specify a region\"; add region: to {profile.name} in ~/.imsa, or export AWS_REGION")
+                f"with \"You must specify a region\"; add a region to {profile.name} in {profile.origin}, or export "
+                "AWS_REGION")
     if profile.region and current and not follows and current != profile.region:
         return (f"this shell's region is {current}, not {profile.region} (the profile's): SDKs here call {current}; "
                 f"run export AWS_REGION={profile.region} AWS_DEFAULT_REGION={profile.region} to follow the profile")
@@ -140,7 +163,7 @@ def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None,
     io = io or Io()
     profile = load_profile(name, io)
     client = client or Client()
-    mfa = sts.MfaSource(profile, mfa_token, prompt)
+    mfa = mfa_codes(profile, mfa_token, prompt)
     factory = sts_factory or sts.sts_client
     try:
         ensure_session(profile, client, mfa, io, factory)
@@ -149,10 +172,10 @@ def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None,
 
         settings = sts_settings.resolve()  # a configuration error is said before anything else
         io.say("imsa: the service is not running, so nothing is cached: MFA is asked every time (start it: imsa start)")
-        session = sts.new_session(profile, mfa, factory, settings=settings)
+        session = profile.source.new_session(mfa, settings, factory)
         if not profile.role_arn:
             return profile, session
-        return profile, sts.assume_role(session, dict(profile.role_spec(), sts=settings), factory)
+        return profile, sts.assume_chain(session, dict(profile.role_spec(), sts=settings), factory)
     return profile, Credentials.from_json(client.credentials(profile.role_spec()))
 
 

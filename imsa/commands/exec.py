@@ -17,7 +17,7 @@ import threading
 from imsa import sts
 from imsa.client import Client
 from imsa.commands.common import (
-    Io, default_profile_has_keys, describe_left, ensure_session, load_profile, profile_credentials,
+    Io, default_profile_has_keys, describe_left, ensure_session, load_profile, mfa_codes, profile_credentials,
 )
 from imsa.credentials import Credentials, format_time
 from imsa.errors import EXIT_OK, ImsaError, MfaError, ServiceNotRunning, UsageError
@@ -153,7 +153,7 @@ def exec_command(name, argv, mode="ecs", mfa_token=None, io=None, client=None, p
         raise ServiceNotRunning(
             f"{error}; or run with --mode static (plain AWS_* variables, not refreshed)"
         ) from None
-    ensure_session(profile, client, sts.MfaSource(profile, mfa_token, prompt), io, sts_factory)
+    ensure_session(profile, client, mfa_codes(profile, mfa_token, prompt), io, sts_factory)
     from imsa.server import container
 
     spec = profile.role_spec()
@@ -264,17 +264,17 @@ def credential_process(name, io=None, client=None, prompt=None, sts_factory=None
     io = io or Io()
     profile = load_profile(name, io)
     client = client or Client()
-    mfa = sts.MfaSource(profile, None, prompt or TerminalOnlyPrompt(name))
+    mfa = mfa_codes(profile, None, prompt or TerminalOnlyPrompt(name))
     factory = sts_factory or sts.sts_client
     try:
         ensure_session(profile, client, mfa, io, factory)
         creds = Credentials.from_json(client.credentials(profile.role_spec()))
     except ServiceNotRunning as error:
-        needs_person = profile.mfa_serial_number and not profile.mfa_process
+        needs_person = profile.source.needs_person
         if needs_person and prompt is None and not _terminal_available():
             raise ServiceNotRunning(f"{error}, then run `imsa assume {name}` in a terminal") from None
         io.say("imsa: the service is not running, so nothing is cached: asking STS directly (start it: imsa start)")
-        session = sts.new_session(profile, mfa, factory)
-        creds = sts.assume_role(session, profile.role_spec(), factory) if profile.role_arn else session
+        session = profile.source.new_session(mfa, None, factory)
+        creds = sts.assume_chain(session, profile.role_spec(), factory) if profile.role_arn else session
     io.data(json.dumps(process_json(profile, creds)) + "\n")
     return EXIT_OK

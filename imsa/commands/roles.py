@@ -3,7 +3,7 @@
 from imsa import shell
 from imsa.client import Client
 from imsa.commands.common import (
-    Io, describe_left, endpoint_warnings, ensure_session, export_lines, load_profile, profile_credentials,
+    Io, describe_left, endpoint_warnings, ensure_session, export_lines, load_profile, mfa_codes, profile_credentials,
     record_region, region_advice,
 )
 from imsa.credentials import format_time, parse_time
@@ -12,16 +12,14 @@ from imsa.errors import EXIT_OK, UsageError
 
 def assume(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None):
     """Make profile *name* the role every SDK on the machine gets."""
-    from imsa import sts
-
     io = io or Io()
     profile = load_profile(name, io)
     client = client or Client()
     running = client.status()  # fail fast (exit 5) before asking for an MFA code
-    ensure_session(profile, client, sts.MfaSource(profile, mfa_token, prompt), io, sts_factory)
+    ensure_session(profile, client, mfa_codes(profile, mfa_token, prompt), io, sts_factory)
     result = client.activate(profile.role_spec())
     record_region(client, profile.region)
-    what = profile.role_arn or "MFA session credentials"
+    what = profile.role_arn or "the session credentials"
     expiration = parse_time(result["expiration"])
     io.say(f"imsa: {profile.name} active: {what}, until {format_time(expiration)} ({describe_left(expiration)})")
     for warning in endpoint_warnings(running) + [region_advice(profile)]:

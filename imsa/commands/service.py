@@ -11,7 +11,7 @@ import time
 
 from imsa.client import Client
 from imsa.commands.common import (
-    ENDPOINT_VARIABLE, Io, describe_left, endpoint_warnings, record_region, shadowing_warnings,
+    ENDPOINT_VARIABLE, Io, describe_left, endpoint_warnings, record_region, shadowing_warnings, shown_path,
 )
 from imsa.credentials import parse_time
 from imsa.errors import EXIT_ERROR, EXIT_OK, ServiceError, ServiceNotRunning
@@ -183,13 +183,17 @@ def status(as_json=False, io=None, client=None):
             lines.append(f"exec:       {len(bindings)} running: {running}")
         if active:
             expiration = parse_time(active["expiration"])
-            lines.append(f"profile:    {active['profile']}")
-            lines.append(f"role:       {active['role_arn'] or 'MFA session credentials'}")
+            origin = f" (from {shown_path(active['origin'])})" if active.get("origin") else ""
+            lines.append(f"profile:    {active['profile']}{origin}")
+            lines.append(f"role:       {active['role_arn'] or 'the session credentials'}")
+            for hop in active.get("via") or ():
+                lines.append(f"via:        {hop}")
             lines.append(f"key:        {active['access_key_id']}")
             lines.append(f"expires:    {active['expiration']} ({describe_left(expiration)})")
             if active.get("session_expiration"):
                 session_end = parse_time(active["session_expiration"])
-                lines.append(f"session:    {active['session_expiration']} ({describe_left(session_end)})")
+                source = f", from {active['source']}" if active.get("source") else ""
+                lines.append(f"session:    {active['session_expiration']} ({describe_left(session_end)}{source})")
             else:
                 lines.append("session:    expired")
             if active.get("last_error"):

@@ -68,6 +68,10 @@ class AwsFiles:
             self.profiles.setdefault(name, {}).update(values)
         self.names = sorted(self.profiles)
 
+    def origin(self, name):
+        """The file that defines profile *name*: the config file, or the credentials file when only it does."""
+        return self.config_path if name in self._config else self.credentials_path
+
     def where(self, name, key=None, in_credentials=None):
         """``FILE: [profile NAME], key 'KEY'`` for an error message: the file that sets *key* (the credentials file
         first, as botocore merges them), or the one *in_credentials* names."""
@@ -100,8 +104,7 @@ class AwsFiles:
         region = self._value(name, "region", "region")
         device = {"mfa_serial_number": serial, "mfa_process": mfa_process, "region": region}
         source = self._root_source(root, device, environ)
-        origin = self.config_path if name in self._config else self.credentials_path
-        return Profile(name=name, origin=origin, source=source, hops=tuple(hops),
+        return Profile(name=name, origin=self.origin(name), source=source, hops=tuple(hops),
                        region=region, notes=tuple(notes))
 
     # --- botocore's chain rules ---

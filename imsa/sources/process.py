@@ -3,13 +3,15 @@
 Run the way botocore runs it (split like a shell would, no shell, this process's environment), its stdout read as
 the Version 1 JSON of PROTOCOL.md §3.1. Temporary credentials (a SessionToken and an Expiration) are the session
 themselves; long-term keys (no SessionToken) are used once for GetSessionToken, as keys from a file would be.
-The process's stderr goes to this terminal's stderr: a process that asks someone something can be seen.
+On a terminal the process's stderr goes to it, so a process that asks someone something can be seen; otherwise
+it is captured, and its last line is part of the error when the process fails.
 """
 
 import json
 import os
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 
 from imsa.credentials import Credentials, parse_time, utcnow
@@ -20,6 +22,9 @@ from imsa.sources.iam_user import KIND, Keys
 # A process may wait for a person (a password manager's unlock, a browser login): bounded, but generously.
 TIMEOUT = 300
 OUTPUT_LIMIT = 1 << 20
+# Set in the environment of every credential_process imsa runs. A profile whose credential_process is imsa itself
+# (``credential_process = imsa credential-process SAME``) would otherwise start imsa after imsa without end.
+NESTED = "IMSA_IN_CREDENTIAL_PROCESS"
 
 
 class ProcessFailed(StsError):
@@ -61,6 +66,9 @@ class Process:
 
     def new_session(self, mfa, settings, sts_factory=None):
         """Run the process; its temporary credentials, or a GetSessionToken session made from its keys."""
+        if os.environ.get(NESTED):
+            raise ConfigError(f"{self.where}: imsa was started by a credential_process and would run one again; a "
+                              "profile whose credential_process is imsa cannot also be imsa's source (a loop)")
         data = run(self.command, self.where)
         creds = from_output(data, self.where)
         if isinstance(creds, Credentials):
@@ -83,8 +91,10 @@ def run(command, where):
         raise ConfigError(f"{where}: credential_process cannot be parsed: {error}") from None
     if not argv:
         raise ConfigError(f"{where}: credential_process is empty")
+    on_terminal = sys.stderr is not None and sys.stderr.isatty()
     try:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, timeout=TIMEOUT, check=False)
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=None if on_terminal else subprocess.PIPE,
+                              timeout=TIMEOUT, check=False, env=dict(os.environ, **{NESTED: "1"}))
     except FileNotFoundError:
         raise ProcessFailed(f"{where}: credential_process: command not found: {argv[0]}") from None
     except subprocess.TimeoutExpired:
@@ -92,8 +102,10 @@ def run(command, where):
     except OSError as error:
         raise ProcessFailed(f"{where}: credential_process: cannot run {argv[0]}: {error.strerror}") from None
     if done.returncode != 0:
+        said = [line.strip() for line in (done.stderr or b"").decode("utf-8", "replace").splitlines() if line.strip()]
+        reason = f": {said[-1][:300]!r}" if said else ""
         raise ProcessFailed(f"{where}: credential_process {os.path.basename(argv[0])} failed with exit status "
-                            f"{done.returncode}")
+                            f"{done.returncode}{reason}")
     try:
         data = json.loads(done.stdout[:OUTPUT_LIMIT].decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
