@@ -100,7 +100,7 @@ def build_parser():
     status.add_argument("--json", action="store_true", dest="as_json", help="print JSON")
 
     listing = command("list", "list every profile: its file, source, role, region and whether a session is held",
-                      "imsa list --json", (EXIT_OK, EXIT_ERROR, EXIT_CONFIG), run="profiles.list_profiles")
+                      "imsa list --json", (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG), run="profiles.list_profiles")
     listing.add_argument("--json", action="store_true", dest="as_json", help="print JSON")
 
     assume = command("assume", "make PROFILE the role every SDK on the machine gets", "imsa assume admin",

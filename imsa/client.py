@@ -138,7 +138,7 @@ class Client:
         """Hand a new session (temporary material only: for *kind* ``credentials``, temporary credentials) to the
         service, with the StsSettings it was made with (the service's calls from it reach STS the same way) and
         the *label* that names its source in status."""
-        body = {"fingerprint": fingerprint, "kind": kind, "credentials": credentials.to_json(),
+        body = {"fingerprint": fingerprint, "kind": kind, "material": credentials.to_json(),
                 "sts": settings.to_json()}
         if label:
             body["label"] = label

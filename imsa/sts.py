@@ -235,7 +235,7 @@ def assume_role(session, spec, client_factory=sts_client, now=utcnow):
 
 
 def assume_chain(session, spec, client_factory=sts_client, now=utcnow):
-    """The minter of sessions of AWS credentials (sources.MINTERS): AssumeRole through each hop of *spec*'s ``via``
+    """The minter of sessions of AWS credentials (sources.KINDS): AssumeRole through each hop of *spec*'s ``via``
     (a ~/.aws/config chain), then the final role, every call signed by the credentials the previous one returned."""
     credentials = session
     for hop in spec.get("via") or ():

@@ -9,7 +9,8 @@ import logging
 
 from flask import Flask, jsonify, request
 
-from imsa.credentials import Credentials, format_time
+from imsa import sources
+from imsa.credentials import format_time
 from imsa.errors import StsError
 from imsa.server.logs import RefusalLimiter, shown
 from imsa.server.store import RoleSpec, SpecError
@@ -107,12 +108,13 @@ def create_app(store, owner_uid, info, on_stop, bindings=None):
     def put_session():
         data = body()
         try:
-            creds = Credentials.from_json(data.get("credentials"))
+            kind = data.get("kind", "credentials")  # the one kind older clients sent
+            # The session's material: "material", or "credentials" as older clients sent it.
+            creds = sources.material_class(kind).from_json(data.get("material", data.get("credentials")))
             # How the CLI reached STS for this session; the service's own environment never decides it.
             if "sts" not in data:
                 raise ValueError("'sts' (how the session was made: endpoint, region, proxies, CA bundle) is required")
             settings = StsSettings.from_json(data["sts"])
-            kind = data.get("kind", "credentials")  # the one kind older clients sent
             label = data.get("label")
             if label is not None and (not isinstance(label, str) or not 0 < len(label) <= 256 or not label.isprintable()):
                 raise ValueError("'label' must be printable text of 1-256 characters")

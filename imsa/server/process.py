@@ -480,11 +480,12 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
         from waitress import wasyncore
         from waitress.server import create_server
 
-        from imsa import sts
+        from imsa import sources, sts
 
         # Everything is imported, the STS model loaded and each app run once while the files are surely readable:
         # after the drop, the served user may not be able to read the Python installation (e.g. under /root).
         sts.preload()
+        sources.load_kinds()
         _warm_up(imds_app, control_app)
         if is_root:
             if added_alias:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from imsa.credentials import Credentials, format_time, mask, utcnow
 from imsa.errors import StsError
 from imsa.limits import MAX_ROLE_DURATION, MIN_DURATION, PATTERNS
-from imsa.sources import MINTERS
+from imsa import sources
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class Store:
     """MFA sessions by fingerprint, role credentials by RoleSpec, the active profile, and their refresher."""
 
     def __init__(self, assume=None, clock=utcnow):
-        # One minter per session kind (sources.MINTERS), imported when first used; *assume* replaces the minter of
+        # One minter per session kind (sources.KINDS), imported when first used; *assume* replaces the minter of
         # ``credentials`` sessions (tests inject a fake STS).
         self._minters = {"credentials": assume} if assume is not None else {}
         self._clock = clock
@@ -203,7 +203,7 @@ class Store:
         kind."""
         if not _is_fingerprint(fingerprint):
             raise ValueError("'fingerprint' must be 32 hex characters")
-        if kind not in MINTERS:
+        if kind not in sources.KINDS:
             raise ValueError(f"unknown session kind {kind!r}")
         if credentials.expired(self._clock()):
             raise ValueError("the session has already expired")
@@ -227,10 +227,7 @@ class Store:
     def _minter(self, kind):
         """The minter of sessions of *kind*, imported on first use."""
         if kind not in self._minters:
-            import importlib
-
-            module, _, function = MINTERS[kind].partition(":")
-            self._minters[kind] = getattr(importlib.import_module(module), function)
+            self._minters[kind] = sources.minter(kind)
         return self._minters[kind]
 
     # --- role credentials ---

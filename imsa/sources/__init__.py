@@ -8,7 +8,7 @@ a secret: every profile on the same source shares one session) and makes role cr
 
 The interface, CLI side (one module per source: ``iam_user``, ``process``, ``aws_config``…):
 
-- ``source.kind``: the session kind it makes (a key of MINTERS);
+- ``source.kind``: the session kind it makes (a key of KINDS);
 - ``source.fingerprint``: 32 hex characters that name the source;
 - ``source.label``: what ``imsa status`` and ``imsa list`` show (no secret: key ids masked);
 - ``source.needs_person``: True when making a session may ask a person (an MFA code on the terminal);
@@ -17,18 +17,48 @@ The interface, CLI side (one module per source: ``iam_user``, ``process``, ``aws
 A resolved profile (``~/.imsa`` or ``~/.aws/config``) is a Profile: its name, where it was defined, its source,
 the role hops the service assumes from the session, and its region.
 
-Service side, MINTERS maps a session kind to the dotted name of its minter; the service imports it when it first
-mints. This module imports nothing heavy and nothing of the CLI's (no config loader, no boto3).
+Service side, KINDS maps a session kind to the dotted names of its material class (``from_json``, ``to_json``,
+``expiration``, ``expired(now)``: what the control plane receives) and of its minter; the service imports both
+before it drops root (``load_kinds``). This module imports nothing heavy and nothing of the CLI's (no config
+loader, no boto3).
 """
 
 import hashlib
 from dataclasses import dataclass
 
-# Session kind -> "module:function" of its minter, called as minter(material, spec) with spec a RoleSpec dict that
-# carries ``via`` (the hops before the final role) and ``sts`` (how the session's STS is reached).
-MINTERS = {
-    "credentials": "imsa.sts:assume_chain",
+# Session kind -> ("module:Class" of its material, "module:function" of its minter). The minter is called as
+# minter(material, spec) with spec a RoleSpec dict that carries ``via`` (the hops before the final role) and ``sts``
+# (how the session's STS is reached), and returns Credentials.
+KINDS = {
+    "credentials": ("imsa.credentials:Credentials", "imsa.sts:assume_chain"),
 }
+
+
+def load(dotted):
+    """The object a ``module:name`` string names."""
+    import importlib
+
+    module, _, name = dotted.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def material_class(kind):
+    """The class of *kind*'s session material; ValueError for a kind no source makes."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown session kind {kind!r}")
+    return load(KINDS[kind][0])
+
+
+def minter(kind):
+    """The function that makes role credentials from a session of *kind*."""
+    return load(KINDS[kind][1])
+
+
+def load_kinds():
+    """Import every kind's material class and minter now (the service does, before it drops root)."""
+    for kind in KINDS:
+        material_class(kind)
+        minter(kind)
 
 
 def fingerprint(*parts):
