@@ -423,12 +423,15 @@ def _plain_top_level_keys(text):
 
 
 def profile_names(path=None):
-    """Profile names for shell completion, ~/.imsa's and ~/.aws/config's: a cheap parse, never an error.
+    """Profile names for shell completion, ~/.imsa's and the AWS config files' (only *path*'s when given): a cheap
+    parse, never an error.
 
     Importing PyYAML is about a third of a completion's time (scripts/bench.py), so a plainly written file's
     top-level keys are read line by line; anything unusual goes to the YAML parser.
     """
-    return sorted(set(_imsa_names(path)) | set(_aws_names()))
+    if path is not None:
+        return _imsa_names(path)
+    return sorted(set(_imsa_names()) | set(_aws_names()))
 
 
 def _aws_names():
@@ -467,11 +470,9 @@ def resolve(name, warn=None, environ=None):
     from imsa.sources import aws_config
 
     path = config_path()
-    imsa_config = None
-    if os.path.exists(path):
-        imsa_config = load(path, warn=warn)
-        if name in imsa_config.names:
-            return imsa_config.get(name)
+    imsa_config = _load_if_present(path, warn)
+    if imsa_config is not None and name in imsa_config.names:
+        return imsa_config.get(name)
     files = aws_config.load(environ)
     if name in files.profiles:
         return files.get(name, environ)
@@ -485,6 +486,18 @@ def resolve(name, warn=None, environ=None):
     raise ConfigError(f"no profile {name!r} in {where} or {files.config_path}{suffix}")
 
 
+def _load_if_present(path, warn):
+    """The validated file at *path*, or None when there is none; a file that is there but cannot be read or is
+    invalid is an error (ConfigError), never taken for a missing one."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass  # load() names the problem (a directory that may not be searched, ...)
+    return load(path, warn=warn)
+
+
 def catalog(warn=None, environ=None):
     """Every profile name of both files: a list of (name, the file that defines it, Profile or the ConfigError that
     resolving it gave, the file whose profile of that name it shadows or None). ~/.imsa's own errors stop everything, as they do for
@@ -492,7 +505,7 @@ def catalog(warn=None, environ=None):
     from imsa.sources import aws_config
 
     path = config_path()
-    imsa_config = load(path, warn=warn) if os.path.exists(path) else None
+    imsa_config = _load_if_present(path, warn)
     files = aws_config.load(environ)
     rows = []
     for name in sorted(set(imsa_config.names if imsa_config else ()) | set(files.names)):

@@ -427,3 +427,4 @@ def test_a_failing_process_is_one_line(isolated_env, sts_env, tmp_path):
                                         r"not print JSON"):
         imsa_identity("p")
     assert os.path.exists(process)
+

@@ -71,3 +71,13 @@ def test_a_name_with_a_control_character_is_not_offered(tmp_path):
     path = tmp_path / ".imsa"
     path.write_text(yaml.safe_dump({"good": {}, "bad\nname": {}, "bell\a": {}}))
     assert profile_names(str(path)) == ["good"]
+
+
+def test_completion_offers_the_aws_config_profiles_too(isolated_env):
+    (isolated_env / ".imsa").write_text("mine:\n  aws_access_key_id: AKIAIOSFODNN7EXAMPLE\n")
+    (isolated_env / ".aws").mkdir(exist_ok=True)
+    (isolated_env / ".aws" / "config").write_text("[default]\nregion = eu-west-1\n[profile theirs]\nregion = x\n")
+    (isolated_env / ".aws" / "credentials").write_text("[keys-only]\naws_access_key_id = A\n")
+    assert profile_names() == ["default", "keys-only", "mine", "theirs"]
+    (isolated_env / ".aws" / "config").write_text("[profile broken\n")
+    assert profile_names() == ["mine"]  # AWS files that cannot be parsed offer nothing, quietly

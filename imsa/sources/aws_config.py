@@ -203,14 +203,13 @@ class AwsFiles:
 
     def _root_source(self, root, device, environ):
         """The source that starts the session: keys, a credential_process or the environment."""
-        from imsa.sources.environment import Environment
-        from imsa.sources.process import Process
-
         kind, name = root
         if kind == "credential_source":
             credential_source = self.profiles[name]["credential_source"]
             where = self.where(name, "credential_source")
             if credential_source == "Environment":
+                from imsa.sources.environment import Environment
+
                 return Environment.read(where, environ, **device)
             if credential_source == "Ec2InstanceMetadata":
                 raise ConfigError(f"{where}: Ec2InstanceMetadata is where imsa itself serves credentials; a role "
@@ -226,6 +225,8 @@ class AwsFiles:
         if self._has_static(in_file):  # botocore: the credentials file before credential_process
             return self._keys(name, in_file, device, in_credentials=True)
         if profile.get("credential_process"):
+            from imsa.sources.process import Process
+
             return Process(profile["credential_process"], self.where(name, "credential_process"), **device)
         if self._has_static(self._config.get(name, {})):
             return self._keys(name, self._config[name], device, in_credentials=False)
