@@ -152,7 +152,7 @@ def test_a_source_with_keys_and_a_role_uses_its_keys(isolated_env):
      r"key 'credential_source': 'Laptop' is not a valid credential source"),
     (f"[profile l1]\nrole_arn = {ROLE.format('a')}\ncredential_source = Ec2InstanceMetadata\n",
      r"Ec2InstanceMetadata is where imsa itself serves"),
-    (f"[profile l1]\nrole_arn = arn:aws:iam::1:role/x\nsource_profile = base\n",
+    ("[profile l1]\nrole_arn = arn:aws:iam::1:role/x\nsource_profile = base\n",
      r"\[profile l1\], key 'role_arn': 'arn:aws:iam::1:role/x' is not an IAM role ARN"),
     (f"[profile l1]\nrole_arn = {ROLE.format('a')}\nsource_profile = base\nduration_seconds = soon\n",
      r"key 'duration_seconds': must be a whole number of seconds, not 'soon'"),
