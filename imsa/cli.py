@@ -158,6 +158,22 @@ def build_parser():
     install.add_argument("--no-enable", action="store_false", dest="enable",
                          help="write the units only: no daemon-reload, no enable")
 
+    add = command("add", "store PROFILE's long-term keys, typed on the terminal, in the secret store",
+                  "imsa add work --mfa-serial arn:aws:iam::123456789012:mfa/alice",
+                  (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_INTERRUPTED), run="keys.add")
+    add.add_argument("name", metavar="PROFILE")
+    add.add_argument("--mfa-serial", metavar="ARN", help="the MFA device's ARN, written to the profile")
+
+    remove = command("remove", "delete PROFILE's keys from the secret store (and the reference to them)",
+                     "imsa remove work", (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG), run="keys.remove")
+    remove.add_argument("name", metavar="PROFILE").completer = _complete_profiles
+
+    migrate = command("migrate", "move plain-text keys of ~/.imsa (and ~/.aws/credentials) into the secret store",
+                      "imsa migrate --dry-run", (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG), run="keys.migrate")
+    migrate.add_argument("--dry-run", action="store_true", help="say what would move, change nothing")
+    migrate.add_argument("--from-aws-credentials", action="store_true",
+                         help="also ~/.aws/credentials' keys (their sections then get them through imsa)")
+
     hook = command(
         "shell-init", "print the shell hook that keeps AWS_REGION in step with the profile imsa serves",
         'eval "$(imsa shell-init bash)"   (in ~/.bashrc; fish: imsa shell-init fish | source)', (EXIT_OK, EXIT_USAGE),

@@ -28,7 +28,9 @@ STRING_KEYS = (
     "extends",
 )
 INT_KEYS = ("duration_seconds", "session_duration_seconds")
-KNOWN_KEYS = STRING_KEYS + INT_KEYS
+# secret_store: true says the profile's keys are in imsa's secret store (imsa/secrets.py), not in this file.
+BOOL_KEYS = ("secret_store",)
+KNOWN_KEYS = STRING_KEYS + INT_KEYS + BOOL_KEYS
 
 RANGES = {
     "duration_seconds": (MIN_DURATION, MAX_ROLE_DURATION),
@@ -77,6 +79,8 @@ class Profile:
     duration_seconds: int = DEFAULT_ROLE_DURATION
     session_duration_seconds: int = DEFAULT_SESSION_DURATION
     origin: str = ""
+    # The profile whose keys the secret store holds (this one or one it extends), or None: plain keys in the file.
+    secret_item: str = None
     notes = ()
 
     @property
@@ -85,7 +89,7 @@ class Profile:
         from imsa.sources.iam_user import Keys
 
         return Keys(self.aws_access_key_id, self.aws_secret_access_key, self.mfa_serial_number, self.mfa_process,
-                    self.session_duration_seconds, self.region)
+                    self.session_duration_seconds, self.region, self.secret_item)
 
     @property
     def fingerprint(self):
@@ -140,12 +144,24 @@ class Config:
             suffix = f" (did you mean {hint[0]!r}?)" if hint else f" (profiles: {listed})"
             raise ConfigError(f"{self.path}: no profile {name!r}{suffix}")
         merged = {}
+        owner = None  # the nearest profile of the chain that gave the keys, when it keeps them in the store
         for ancestor in reversed(self._chain(name)):
-            merged.update({k: v for k, v in self._raw[ancestor].items() if k != "extends"})
-        for key in ("aws_access_key_id", "aws_secret_access_key"):
+            values = self._raw[ancestor]
+            if "aws_secret_access_key" in values:
+                owner = None
+            if values.get("secret_store"):
+                owner = ancestor
+            merged.update({k: v for k, v in values.items() if k not in ("extends", "secret_store")})
+        if owner is not None:
+            merged.pop("aws_secret_access_key", None)
+        for key in ("aws_access_key_id",) if owner else ("aws_access_key_id", "aws_secret_access_key"):
             if not merged.get(key):
                 raise ConfigError(f"{self._where(name)}: missing {key!r} (set it here or in a profile it extends)")
-        return Profile(name=name, origin=self.path, **merged)
+        return Profile(name=name, origin=self.path, secret_item=owner, **merged)
+
+    def plain_keys(self):
+        """The profiles that hold a secret key in this file, in plain text."""
+        return [name for name in self.names if self._raw[name].get("aws_secret_access_key")]
 
     def _chain(self, name):
         chain = [name]
@@ -272,6 +288,10 @@ def _shown(key, value):
 
 def _check_value(key, value):
     """The problem with one key's value, or None."""
+    if key in BOOL_KEYS:
+        if value is not True:
+            return f"must be true (leave it out when the keys are in this file), not {value!r}"
+        return None
     if key in INT_KEYS:
         if isinstance(value, bool) or not isinstance(value, int):
             return f"must be a whole number of seconds, not {type(value).__name__} {value!r}"
@@ -349,6 +369,9 @@ def load(path=None, warn=None):
             problem = _check_value(key, value)
             if problem:
                 problems.append(f"{config._where(name, key)}: {problem}")
+        if settings.get("secret_store") and "aws_secret_access_key" in settings:
+            problems.append(f"{config._where(name, 'aws_secret_access_key')}: the profile keeps its keys in the "
+                            "secret store (secret_store: true); remove the plain-text key")
     if not problems:
         for name, settings in raw.items():
             parent = settings.get("extends")

@@ -33,7 +33,8 @@ import sys
 import threading
 
 ACCOUNT = "123456789012"
-USERS = ("alice", "bob")
+# carol's keys are for the tests that scan files for a secret: no other test writes them anywhere.
+USERS = ("alice", "bob", "carol")
 ROLES = ("role-a", "role-b", "role-c", "role-d")
 DENIED_ROLE = "role-denied"
 # A role with an IAM path: its ARN is arn:aws:iam::ACCOUNT:role/service-role/path-role, its name path-role.
@@ -187,7 +188,12 @@ def populate(endpoint):
         keys[user] = {"aws_access_key_id": key["AccessKeyId"], "aws_secret_access_key": key["SecretAccessKey"]}
         iam.put_user_policy(
             UserName=user, PolicyName="sts",
-            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:*", "Resource": "*"}]}),
+            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": "sts:*", "Resource": "*"},
+                # Each user manages their own access keys (imsa rotate), as IAM's self-service policy allows.
+                {"Effect": "Allow", "Action": ["iam:CreateAccessKey", "iam:DeleteAccessKey", "iam:ListAccessKeys",
+                                               "iam:GetUser"],
+                 "Resource": f"arn:aws:iam::{ACCOUNT}:user/{user}"}]}),
         )
     # The users, and each of ROLES for role chaining (~/.aws/config: a role whose source is another role).
     trusted = [f"arn:aws:iam::{ACCOUNT}:user/{user}" for user in USERS]

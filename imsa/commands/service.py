@@ -163,6 +163,16 @@ def stop(io=None, client=None):
     raise ServiceError(f"the service (pid {status['pid']}) did not stop within {STOP_TIMEOUT:.0f} s")
 
 
+def _secret_store():
+    """The name of the secret store this user's keys go to (imsa/secrets.py), or why there is none."""
+    from imsa import secrets
+
+    try:
+        return secrets.open_store(interactive=False).name
+    except secrets.SecretStoreError as error:
+        return f"no secret store: {error}"
+
+
 def status(as_json=False, io=None, client=None):
     """Show what the service serves; exit 0 only while valid credentials are served."""
     io = io or Io()
@@ -172,6 +182,7 @@ def status(as_json=False, io=None, client=None):
     record_region(client, active and active.get("region"))
     valid = bool(active and active.get("valid"))
     warnings = shadowing_warnings(listen=data.get("listen")) + endpoint_warnings(data)
+    data["secret_store"] = _secret_store()
     if as_json:
         data["warnings"] = warnings
         io.data(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -200,6 +211,9 @@ def status(as_json=False, io=None, client=None):
                 lines.append(f"last error: {active['last_error']}")
         else:
             lines.append("profile:    none (run: imsa assume PROFILE)")
+        lines.append(f"keys:       {data['secret_store']}")
+        if data.get("saved_sessions"):
+            lines.append(f"sessions:   saved in {data['saved_sessions']}")
         io.data("\n".join(lines) + "\n")
         for warning in warnings:
             io.say(f"imsa: warning: {warning}")

@@ -25,6 +25,8 @@ class Keys:
     mfa_process: str = None
     session_duration_seconds: int = 12 * 3600
     region: str = None
+    # The profile whose keys are in the secret store (imsa/secrets.py), read only when a session is made.
+    secret_item: str = None
 
     kind = KIND
 
@@ -46,6 +48,23 @@ class Keys:
 
     def new_session(self, mfa, settings, sts_factory=None):
         """GetSessionToken with these keys (and a code from *mfa*), reaching STS as *settings* say."""
+        import dataclasses
+
         from imsa import sts
 
-        return sts.new_session(self, mfa, sts_factory or sts.sts_client, settings=settings)
+        keys = self
+        if self.secret_item:
+            keys = dataclasses.replace(self, aws_secret_access_key=stored_secret(self.secret_item, self.aws_access_key_id))
+        return sts.new_session(keys, mfa, sts_factory or sts.sts_client, settings=settings)
+
+
+def stored_secret(profile, access_key_id):
+    """The secret key of *profile* from the secret store; it must belong to *access_key_id* (the file's)."""
+    from imsa import secrets
+    from imsa.errors import ConfigError
+
+    stored_id, secret = secrets.get_keys(profile)
+    if stored_id != access_key_id:
+        raise ConfigError(f"the secret store holds key {mask(stored_id)} for profile {profile!r}, but its "
+                          f"aws_access_key_id is {mask(access_key_id)}; store the right one: imsa add {profile}")
+    return secret
