@@ -91,6 +91,12 @@ def build_parser():
     start.add_argument("--allow-imdsv1", action="store_true", help="also answer requests without an IMDSv2 token")
     start.add_argument("--user", metavar="NAME", help="when run as root: the user to serve (default: SUDO_USER)")
     start.add_argument("--report-ready", action="store_true", help=argparse.SUPPRESS)
+    keep = start.add_mutually_exclusive_group()
+    keep.add_argument("--keep-sessions", action="store_const", const=True, dest="keep_sessions",
+                      help="save sessions (encrypted, in the secret store's care) so a restart asks for no MFA; "
+                      "default: on when the secret store is the OS keyring")
+    keep.add_argument("--no-keep-sessions", action="store_const", const=False, dest="keep_sessions",
+                      help="keep sessions in memory only")
 
     command("stop", "stop the service", "imsa stop", (EXIT_OK, EXIT_ERROR, EXIT_SERVICE), run="service.stop")
 
@@ -157,6 +163,11 @@ def build_parser():
     install.add_argument("--unit-dir", metavar="DIR", help="write the units to DIR instead, and enable nothing")
     install.add_argument("--no-enable", action="store_false", dest="enable",
                          help="write the units only: no daemon-reload, no enable")
+
+    logout = command("logout", "forget PROFILE's session (--all: every session) in the service and where it is saved",
+                     "imsa logout --all", (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_SERVICE), run="keys.logout")
+    logout.add_argument("name", metavar="PROFILE", nargs="?").completer = _complete_profiles
+    logout.add_argument("--all", action="store_true", dest="every", help="forget every session")
 
     add = command("add", "store PROFILE's long-term keys, typed on the terminal, in the secret store",
                   "imsa add work --mfa-serial arn:aws:iam::123456789012:mfa/alice",

@@ -144,6 +144,10 @@ class Client:
             body["label"] = label
         return self._call("POST", "/sessions", body)
 
+    def forget_sessions(self, fingerprint=None):
+        """Make the service forget the session of *fingerprint*, or every session (None): {forgotten: count}."""
+        return self._call("POST", "/sessions/forget", {"fingerprint": fingerprint} if fingerprint else {"all": True})
+
     def activate(self, spec):
         """Make the profile of *spec* the one IMDS serves."""
         return self._call("POST", "/activate", spec)

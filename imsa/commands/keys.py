@@ -13,7 +13,7 @@ import re
 import shutil
 
 from imsa import config, secrets
-from imsa.commands.common import Io, shown_path
+from imsa.commands.common import Io, load_profile, shown_path
 from imsa.credentials import mask
 from imsa.errors import EXIT_OK, ConfigError, UsageError
 from imsa.limits import PATTERNS
@@ -304,4 +304,27 @@ def migrate(dry_run=False, from_aws_credentials=False, io=None):
     for copy in backups:
         io.say(f"imsa: the backup {shown_path(copy)} still holds the plain-text keys: delete it once imsa assume "
                f"works (rm {shown_path(copy)})")
+    return EXIT_OK
+
+
+def logout(name=None, every=False, io=None, client=None):
+    """Forget profile *name*'s session (or, with *every*, all of them) in the service and in its saved files."""
+    from imsa.client import Client
+    from imsa.errors import ServiceNotRunning
+    from imsa.server import saved
+
+    io = io or Io()
+    if bool(name) == bool(every):
+        raise UsageError("name one PROFILE, or --all: imsa logout PROFILE | imsa logout --all")
+    fingerprint = None if every else load_profile(name, io).fingerprint
+    client = client or Client()
+    try:
+        forgotten = client.forget_sessions(fingerprint)["forgotten"]
+    except ServiceNotRunning:
+        # No service holds them in memory; what the last one saved goes (deleting needs no key).
+        forgotten = saved.forget_files(fingerprint)
+        io.say(f"imsa: the service is not running; {forgotten} saved session(s) deleted")
+        return EXIT_OK
+    what = "every session" if every else f"the session of {name}"
+    io.say(f"imsa: forgot {what} ({forgotten} held); the next imsa assume asks for MFA")
     return EXIT_OK

@@ -13,7 +13,7 @@ from imsa import sources
 from imsa.credentials import format_time
 from imsa.errors import StsError
 from imsa.server.logs import RefusalLimiter, shown
-from imsa.server.store import RoleSpec, SpecError
+from imsa.server.store import RoleSpec, SpecError, _is_fingerprint
 from imsa.sts_settings import StsSettings
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,17 @@ def create_app(store, owner_uid, info, on_stop, bindings=None):
         except ValueError as error:
             raise BadRequest(str(error)) from None
         return jsonify(fingerprint=data["fingerprint"], expiration=format_time(creds.expiration))
+
+    @app.post("/sessions/forget")
+    def forget_sessions():
+        data = body()
+        if data.get("all") is True:
+            forgotten = store.forget()
+        elif _is_fingerprint(data.get("fingerprint")):
+            forgotten = store.forget(data["fingerprint"])
+        else:
+            raise BadRequest("give 'fingerprint' (32 hex characters) or 'all': true")
+        return jsonify(forgotten=forgotten)
 
     @app.post("/activate")
     def activate():

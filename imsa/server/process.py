@@ -416,7 +416,7 @@ def configure_logging(level=logging.INFO, path=None):
     logs.configure(level, path)
 
 
-def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False):
+def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False, keep_sessions=None):
     """Serve until SIGTERM/SIGINT or a control-plane stop; returns the exit status.
 
     With *report_ready* (``imsa start`` in the background), one READY_PREFIX line with the status goes to stdout
@@ -512,6 +512,18 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
         message = error.message if isinstance(error, ServiceError) else (error.strerror or str(error))
         raise ServiceError(f"control socket {path}: {message}") from None
     info["control_socket"] = path
+    # Sessions saved by the last run come back now, as the user (the store and the files are theirs).
+    from imsa.server import saved
+
+    try:
+        saver = saved.open_for_service(keep_sessions)
+    except saved.SavedError as error:
+        tcp.close()
+        unix.close()
+        _unlink(path)
+        raise ServiceError(str(error)) from None
+    restored = store.restore(saver) if saver is not None else None
+    info["saved_sessions"] = saver.describe() if saver is not None else None
     log_path = None
     if report_ready:
         log_path = os.path.join(os.path.dirname(os.path.abspath(path)), rundir.LOG_NAME)
@@ -548,6 +560,8 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     signal.signal(signal.SIGINT, on_signal)
     store.start()
     bindings.start()
+    if restored is not None:
+        threading.Thread(target=_serve_again, args=(store, restored), name="imsa-restore", daemon=True).start()
     if report_ready:
         _report_ready(info, log_fd)
         configure_logging(logging.getLogger().level, log_path)  # rotated, as the user: it is their directory
@@ -568,6 +582,16 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
             server.close()
         _unlink(path)
     return 0
+
+
+def _serve_again(store, spec):
+    """Serve the profile that was active before the restart, from its restored session (no MFA)."""
+    try:
+        store.activate(spec)
+    except Exception as error:  # STS unreachable now: the refresher is not watching it, imsa assume will
+        log.warning("%s: not served again after the restart: %s", spec.profile, error)
+    else:
+        log.info("%s: served again from its saved session", spec.profile)
 
 
 # The line `imsa start` waits for on the service's stdout: this prefix, then the status as JSON.

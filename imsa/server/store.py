@@ -194,6 +194,8 @@ class Store:
         self._active = None
         self._served = None
         self._thread = None
+        # Where sessions are saved to survive a restart (imsa/server/saved.py), or None: memory only.
+        self.saver = None
 
     # --- sessions ---
 
@@ -215,6 +217,65 @@ class Store:
                     entry.failures, entry.retry_at, entry.error = 0, None, None
             self._poke()
         log.info("session %s stored, expires %s", fingerprint[:8], format_time(credentials.expiration))
+        self._save(lambda saver: saver.save_session(fingerprint, kind, credentials.to_json(), label,
+                                                    settings.to_json() if settings is not None else None))
+
+    def _save(self, action):
+        """Apply *action* to the saved sessions, if they are kept; a failure is logged, never raised."""
+        if self.saver is None:
+            return
+        try:
+            action(self.saver)
+        except Exception as error:  # the session is still held in memory; only the restart would miss it
+            log.warning("cannot save sessions: %s: %s", type(error).__name__, error)
+
+    def forget(self, fingerprint=None):
+        """Drop the session of *fingerprint* (every session when None), the role credentials made from it, and
+        stop serving its profile; the saved copies go too. Returns how many sessions were held."""
+        with self._lock:
+            gone = [fp for fp in self._sessions if fingerprint is None or fp == fingerprint]
+            for fp in gone:
+                del self._sessions[fp]
+                self._sts.pop(fp, None)
+            for spec in [spec for spec in self._entries if fingerprint is None or spec.fingerprint == fingerprint]:
+                del self._entries[spec]
+            stop_serving = self._active is not None and (fingerprint is None or self._active.fingerprint == fingerprint)
+            if stop_serving:
+                self._active, self._served = None, None
+            self._poke()
+        for fp in gone:
+            self._save(lambda saver, fp=fp: saver.forget_session(fp))
+        if fingerprint is not None and fingerprint not in gone:
+            self._save(lambda saver: saver.forget_session(fingerprint))
+        if stop_serving:
+            self._save(lambda saver: saver.save_active(None))
+        log.info("forgot %d session(s)%s", len(gone), "" if fingerprint is None else f" of {fingerprint[:8]}")
+        return len(gone)
+
+    def restore(self, saver):
+        """Hold the sessions *saver* kept that are still valid, then keep saving there; the saved active RoleSpec
+        (or None) is returned for the caller to activate once the refresher runs."""
+        from imsa.sts_settings import StsSettings
+
+        sessions, active = saver.load()
+        for data in sessions:
+            try:
+                material = sources.material_class(data["kind"]).from_json(data["material"])
+                settings = StsSettings.from_json(data["sts"]) if data.get("sts") is not None else None
+                self.put_session(data["fingerprint"], material, settings, kind=data["kind"], label=data.get("label"))
+            except (ValueError, KeyError, TypeError) as error:  # expired, or of a kind this version does not know
+                log.info("saved session %s not restored: %s", str(data.get("fingerprint"))[:8], error)
+                saver.forget_session(str(data.get("fingerprint")))
+        self.saver = saver
+        if active is not None:
+            try:
+                spec = RoleSpec.from_json(active)
+            except SpecError:
+                return None
+            if self.session(spec.fingerprint) is not None:
+                return spec
+        saver.save_active(None)
+        return None
 
     def session(self, fingerprint):
         """The Session for *fingerprint* if it has not expired, else None."""
@@ -275,6 +336,8 @@ class Store:
                 self._served = Served(spec, credentials, previous=previous, since=self._clock())
             self._poke()
         log.info("active profile is now %s", spec.profile)
+        self._save(lambda saver: saver.save_active(dict(_spec_dict(spec), fingerprint=spec.fingerprint,
+                                                        origin=spec.origin)))
         return credentials
 
     def pin(self, spec):
@@ -353,6 +416,7 @@ class Store:
                 del self._sessions[fingerprint]
                 self._sts.pop(fingerprint, None)
                 log.info("session %s expired", fingerprint[:8])
+                self._save(lambda saver, fp=fingerprint: saver.forget_session(fp))
             watched = set(self._pins)
             if self._active is not None:
                 watched.add(self._active)
