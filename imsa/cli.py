@@ -179,6 +179,11 @@ def build_parser():
                      "imsa remove work", (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG), run="keys.remove")
     remove.add_argument("name", metavar="PROFILE").completer = _complete_profiles
 
+    rotate = command("rotate", "replace PROFILE's access key: create a new one, store it, delete the old one",
+                     "imsa rotate work", run="keys.rotate")
+    rotate.add_argument("name", metavar="PROFILE").completer = _complete_profiles
+    rotate.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
+
     migrate = command("migrate", "move plain-text keys of ~/.imsa (and ~/.aws/credentials) into the secret store",
                       "imsa migrate --dry-run", (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG), run="keys.migrate")
     migrate.add_argument("--dry-run", action="store_true", help="say what would move, change nothing")

@@ -190,10 +190,10 @@ def populate(endpoint):
             UserName=user, PolicyName="sts",
             PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
                 {"Effect": "Allow", "Action": "sts:*", "Resource": "*"},
-                # Each user manages their own access keys (imsa rotate), as IAM's self-service policy allows.
+                # Users manage access keys (imsa rotate). moto checks actions only, not the resource, so the
+                # self-service policy's "own user" scope cannot be written here.
                 {"Effect": "Allow", "Action": ["iam:CreateAccessKey", "iam:DeleteAccessKey", "iam:ListAccessKeys",
-                                               "iam:GetUser"],
-                 "Resource": f"arn:aws:iam::{ACCOUNT}:user/{user}"}]}),
+                                               "iam:GetUser"], "Resource": "*"}]}),
         )
     # The users, and each of ROLES for role chaining (~/.aws/config: a role whose source is another role).
     trusted = [f"arn:aws:iam::{ACCOUNT}:user/{user}" for user in USERS]

@@ -328,3 +328,105 @@ def logout(name=None, every=False, io=None, client=None):
     what = "every session" if every else f"the session of {name}"
     io.say(f"imsa: forgot {what} ({forgotten} held); the next imsa assume asks for MFA")
     return EXIT_OK
+
+
+def _iam_client(credentials):
+    """An IAM client with *credentials* (key id, secret, token); AWS_ENDPOINT_URL_IAM, proxies and the CA bundle
+    work as boto3 reads them."""
+    import boto3
+
+    key_id, secret, token = credentials
+    return boto3.session.Session().client("iam", region_name="us-east-1", aws_access_key_id=key_id,
+                                          aws_secret_access_key=secret, aws_session_token=token)
+
+
+def _aws_call(what, call):
+    """*call*(), with AWS's refusal as one StsError line that says which step failed."""
+    import botocore.exceptions
+
+    from imsa.errors import StsError
+
+    try:
+        return call()
+    except botocore.exceptions.ClientError as error:
+        detail = error.response.get("Error", {})
+        raise StsError(f"{what} failed: {detail.get('Code')}: {detail.get('Message')}") from None
+    except botocore.exceptions.BotoCoreError as error:
+        raise StsError(f"{what} failed: {error}") from None
+
+
+def rotate(name, mfa_token=None, io=None, prompt=None):
+    """Replace profile *name*'s access key: create a new one with the current one (through an MFA session when
+    the profile has a device), store it, check it works, then delete the old one."""
+    from imsa import sts, sts_settings
+    from imsa.commands.common import mfa_codes
+
+    io = io or Io()
+    profile = load_profile(name, io)
+    item = getattr(profile, "secret_item", None)
+    if not item:
+        raise UsageError(f"profile {name!r} does not keep its keys in the secret store; move them there first: "
+                         "imsa migrate (or imsa add)")
+    store = secrets.open_store()
+    old_id, old_secret = secrets.get_keys(item, store)
+    settings = sts_settings.resolve()
+    identity = _aws_call("GetCallerIdentity", lambda: sts.sts_client(old_id, old_secret, None, settings)
+                         .get_caller_identity())
+    arn = identity["Arn"]
+    if ":user/" not in arn:
+        raise UsageError(f"the keys of {item!r} belong to {arn}, not an IAM user: only a user's keys rotate")
+    user = arn.rsplit("/", 1)[-1]
+    acting = (old_id, old_secret, None)
+    if profile.mfa_serial_number:  # IAM refuses key changes without MFA where the policy asks for it
+        keys = dataclasses_replace(profile.source, aws_secret_access_key=old_secret)
+        session = sts.new_session(keys, mfa_codes(profile, mfa_token, prompt), sts.sts_client, settings=settings)
+        acting = (session.access_key_id, session.secret_access_key, session.session_token)
+    iam = _iam_client(acting)
+    created = _aws_call("CreateAccessKey", lambda: iam.create_access_key(UserName=user))["AccessKey"]
+    new_id, new_secret = created["AccessKeyId"], created["SecretAccessKey"]
+    try:
+        secrets.put_keys(item, new_id, new_secret, store)
+    except BaseException:
+        _aws_call("DeleteAccessKey (of the new key, not stored)",
+                  lambda: iam.delete_access_key(UserName=user, AccessKeyId=new_id))
+        raise
+    path = config.config_path()
+    write_private(path, edited_text(_read(path), item, {"aws_access_key_id": new_id}))
+    io.say(f"imsa: created {mask(new_id)} for {user} and stored it in {store.name}")
+    _wait_until_valid(new_id, new_secret, settings)
+    _aws_call(f"DeleteAccessKey of the old key {mask(old_id)} (delete it yourself: aws iam delete-access-key)",
+              lambda: iam.delete_access_key(UserName=user, AccessKeyId=old_id))
+    io.say(f"imsa: deleted the old key {mask(old_id)}; the next imsa assume of {name} makes a new session")
+    return EXIT_OK
+
+
+# IAM makes a new key usable everywhere within seconds; imsa waits this long for it before deleting the old one.
+NEW_KEY_TRIES = 10
+NEW_KEY_PAUSE = 1.0
+
+
+def _wait_until_valid(key_id, secret, settings):
+    """Return once the new key is accepted by STS (bounded), so the old one is never deleted before it works."""
+    import time
+
+    import botocore.exceptions
+
+    from imsa import sts
+    from imsa.errors import StsError
+
+    for attempt in range(NEW_KEY_TRIES):
+        try:
+            sts.sts_client(key_id, secret, None, settings).get_caller_identity()
+            return
+        except botocore.exceptions.ClientError:
+            if attempt + 1 < NEW_KEY_TRIES:
+                time.sleep(NEW_KEY_PAUSE)
+    raise StsError(f"the new key {mask(key_id)} is stored but STS did not accept it yet; the old key was kept: "
+                   "run imsa rotate again later")
+
+
+def dataclasses_replace(value, **changes):
+    """dataclasses.replace, imported when used."""
+    import dataclasses
+
+    return dataclasses.replace(value, **changes)
