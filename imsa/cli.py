@@ -184,6 +184,10 @@ def build_parser():
     rotate.add_argument("name", metavar="PROFILE").completer = _complete_profiles
     rotate.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
 
+    command("edit", "open ~/.imsa in $EDITOR, and save it only once it is valid", "EDITOR=nano imsa edit",
+            (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG), {EXIT_CONFIG: "left invalid: nothing saved"},
+            run="keys.edit")
+
     migrate = command("migrate", "move plain-text keys of ~/.imsa (and ~/.aws/credentials) into the secret store",
                       "imsa migrate --dry-run", (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG), run="keys.migrate")
     migrate.add_argument("--dry-run", action="store_true", help="say what would move, change nothing")

@@ -14,7 +14,9 @@ import time
 import pytest
 import yaml
 
-from conftest import MFA_CODE, MFA_SERIAL, answer_on_terminal, one_error_line, run_imsa, start_sts, write_profiles
+from conftest import (
+    MFA_CODE, MFA_SERIAL, answer_on_terminal, one_error_line, run_imsa, run_without_terminal, start_sts, write_profiles,
+)
 from imsa import secrets
 
 PASSPHRASE = "correct horse battery staple"
@@ -303,3 +305,36 @@ def test_a_key_id_that_differs_from_the_stored_one_is_a_config_error(file_store,
     done = run_imsa("export", "work", "--mfa-token", MFA_CODE)
     assert done.returncode == 3 and done.stdout == ""
     assert done.stderr.splitlines()[-1].startswith("imsa: error: the secret store holds key ****MPLE")
+
+
+# --- imsa edit ---
+
+
+def editor_writing(tmp_path, text):
+    """An $EDITOR that replaces the file it is given with *text*."""
+    script = tmp_path / "editor.py"
+    source = tmp_path / "content.yaml"
+    source.write_text(text)
+    script.write_text(f"import shutil, sys\nshutil.copyfile({str(source)!r}, sys.argv[1])\n")
+    return f"{os.sys.executable} {script}"
+
+
+def test_edit_saves_a_valid_file(isolated_env, tmp_path, monkeypatch):
+    write_profiles(isolated_env / ".imsa", {"p": {"aws_access_key_id": "AKIAIOSFODNN7EXAMPLE", "secret_store": True}})
+    monkeypatch.setenv("EDITOR", editor_writing(tmp_path, "p:\n  aws_access_key_id: AKIAIOSFODNN7EXAMPLE\n"
+                                                          "  secret_store: true\n  region: eu-west-1\n"))
+    done = run_without_terminal("edit")
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load((isolated_env / ".imsa").read_text())["p"]["region"] == "eu-west-1"
+    assert stat.S_IMODE((isolated_env / ".imsa").stat().st_mode) == 0o600
+
+
+def test_edit_keeps_the_old_file_when_the_new_one_is_invalid(isolated_env, tmp_path, monkeypatch):
+    write_profiles(isolated_env / ".imsa", {"p": {"aws_access_key_id": "AKIAIOSFODNN7EXAMPLE", "secret_store": True}})
+    before = (isolated_env / ".imsa").read_text()
+    monkeypatch.setenv("EDITOR", editor_writing(tmp_path, "p:\n  regoin: eu-west-1\n"))
+    done = run_without_terminal("edit")
+    assert done.returncode == 3
+    assert "unknown key" in done.stderr and "did you mean 'region'" in done.stderr
+    assert (isolated_env / ".imsa").read_text() == before
+    assert [name for name in os.listdir(isolated_env) if name.startswith(".imsa-edit-")] == []

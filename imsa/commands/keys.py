@@ -430,3 +430,59 @@ def dataclasses_replace(value, **changes):
     import dataclasses
 
     return dataclasses.replace(value, **changes)
+
+
+def edit(io=None):
+    """Open ~/.imsa in $VISUAL or $EDITOR (a private copy), and put it in place only once it is valid."""
+    import shlex
+    import subprocess
+    import tempfile
+
+    from imsa.sts import TerminalPrompt
+
+    io = io or Io()
+    path = config.config_path()
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    try:
+        command = shlex.split(editor)
+    except ValueError as error:
+        raise UsageError(f"$EDITOR cannot be parsed: {error}") from None
+    handle, copy = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".imsa-edit-", suffix=".yaml")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(_read(path))
+        while True:
+            try:
+                done = subprocess.run(command + [copy], check=False)
+            except OSError as error:
+                raise UsageError(f"cannot run the editor {command[0]!r}: {error.strerror}; set $EDITOR") from None
+            if done.returncode != 0:
+                raise UsageError(f"the editor exited with status {done.returncode}; {shown_path(path)} is unchanged")
+            text = _read(copy)
+            try:
+                _check_result(path, text)
+                break
+            except ConfigError as error:
+                problem = str(error)
+            io.say(f"imsa: {problem}")
+            try:
+                again = TerminalPrompt()("Edit again? [Y/n]: ").strip().lower()
+            except Exception:  # no terminal to ask on: the edit is dropped
+                again = "n"
+            if again not in ("", "y", "yes"):
+                raise ConfigError(problem)
+        if text == _read(path):
+            io.say(f"imsa: {shown_path(path)} is unchanged")
+            return EXIT_OK
+        os.chmod(copy, 0o600)
+        os.replace(copy, path)
+    finally:
+        if os.path.exists(copy):
+            os.unlink(copy)
+    plain = [name for name, settings in (_raw(text) or {}).items()
+             if isinstance(settings, dict) and settings.get("aws_secret_access_key")]
+    io.say(f"imsa: saved {shown_path(path)}")
+    if plain:
+        io.say(f"imsa: warning: {', '.join(plain)} keep a secret key in plain text; imsa migrate moves it into "
+               "the secret store")
+    return EXIT_OK
