@@ -338,3 +338,36 @@ def test_edit_keeps_the_old_file_when_the_new_one_is_invalid(isolated_env, tmp_p
     assert "unknown key" in done.stderr and "did you mean 'region'" in done.stderr
     assert (isolated_env / ".imsa").read_text() == before
     assert [name for name in os.listdir(isolated_env) if name.startswith(".imsa-edit-")] == []
+
+
+def test_plain_keys_are_warned_about_on_a_terminal_only(isolated_env, service, sts_env):
+    import subprocess
+    import sys
+
+    users = sts_env.users
+    write_profiles(isolated_env / ".imsa", {
+        name: {"aws_access_key_id": users[user]["aws_access_key_id"], "mfa_serial_number": MFA_SERIAL,
+               "aws_secret_access_key": users[user]["aws_secret_access_key"]}
+        for name, user in (("p", "bob"), ("q", "alice"))})
+    master, slave = os.openpty()
+    try:
+        done = subprocess.run([sys.executable, "-m", "imsa", "export", "p", "--mfa-token", MFA_CODE],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, timeout=60,
+                              env=dict(os.environ))
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+    assert done.returncode == 0
+    assert b"p's secret key is in plain text" in seen and b"imsa migrate" in seen
+    piped = run_imsa("export", "q", "--mfa-token", MFA_CODE)  # a new session too, but stderr is no terminal
+    assert piped.returncode == 0, piped.stderr
+    assert "new MFA session" in piped.stderr and "plain text" not in piped.stderr

@@ -94,6 +94,10 @@ def ensure_session(profile, client, mfa, io, sts_factory=None):
     client.put_session(profile.fingerprint, session, settings, kind=source.kind, label=source.label)
     what = "MFA session" if getattr(source, "mfa_serial_number", None) else "session"
     io.say(f"imsa: new {what} from {source.label}, valid until {format_time(session.expiration)}")
+    if getattr(profile, "aws_secret_access_key", None) and getattr(io.err, "isatty", lambda: False)():
+        # Said to people only, when the plain key was just used: scripts and credential_process keep a clean stderr.
+        io.say(f"imsa: warning: {profile.name}'s secret key is in plain text in {profile.origin}; imsa migrate moves "
+               "it into the secret store")
     return True
 
 
