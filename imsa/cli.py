@@ -111,7 +111,8 @@ def build_parser():
 
     assume = command("assume", "make PROFILE the role every SDK on the machine gets", "imsa assume admin",
                      run="roles.assume")
-    assume.add_argument("name", metavar="PROFILE").completer = _complete_profiles
+    assume.add_argument("name", metavar="PROFILE", nargs="?",
+                        help="the profile (none, on a terminal: choose it from a list)").completer = _complete_profiles
     assume.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
 
     export = command(
@@ -148,7 +149,8 @@ def build_parser():
 
     console = command("console", "open the AWS console signed in with PROFILE's role", "imsa console admin --print",
                       run="console.console")
-    console.add_argument("name", metavar="PROFILE").completer = _complete_profiles
+    console.add_argument("name", metavar="PROFILE", nargs="?",
+                         help="the profile (none, on a terminal: choose it from a list)").completer = _complete_profiles
     console.add_argument("--print", action="store_true", dest="print_url", help="print the sign-in URL instead of opening it")
     console.add_argument("--duration", type=int, metavar="S", help="console session length in seconds, 900-43200")
     console.add_argument("--destination", metavar="URL", help="the console page to land on")

@@ -100,6 +100,10 @@ def console(name, print_url=False, duration=None, destination=None, mfa_token=No
         raise UsageError(f"--duration must be from {MIN_CONSOLE_DURATION} to {MAX_CONSOLE_DURATION} seconds")
     if destination is not None and urllib.parse.urlsplit(destination).scheme not in ("https", "http"):
         raise UsageError("--destination must be an https:// URL of the console")
+    if not name:
+        from imsa.commands.picker import choose_profile
+
+        name = choose_profile("console", client)
     profile = load_profile(name, io)
     if not profile.role_arn:
         raise UsageError(

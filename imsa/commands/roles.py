@@ -13,8 +13,12 @@ from imsa.errors import EXIT_OK, UsageError
 def assume(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None):
     """Make profile *name* the role every SDK on the machine gets."""
     io = io or Io()
-    profile = load_profile(name, io)
     client = client or Client()
+    if not name:
+        from imsa.commands.picker import choose_profile
+
+        name = choose_profile("assume", client)
+    profile = load_profile(name, io)
     running = client.status()  # fail fast (exit 5) before asking for an MFA code
     ensure_session(profile, client, mfa_codes(profile, mfa_token, prompt), io, sts_factory)
     result = client.activate(profile.role_spec())
@@ -39,7 +43,11 @@ def export(name, fmt="sh", mfa_token=None, io=None, client=None, prompt=None, st
         io.data(shell.unset_lines(fmt))
         return EXIT_OK
     if not name:
-        raise UsageError("name the PROFILE to export (or --unset to remove the exports): imsa export PROFILE")
+        from imsa.commands.picker import choose_profile, has_terminal
+
+        if not has_terminal():
+            raise UsageError("name the PROFILE to export (or --unset to remove the exports): imsa export PROFILE")
+        name = choose_profile("export", client)
     profile, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
     io.data(export_lines(profile, creds, fmt))
     return EXIT_OK
