@@ -187,8 +187,11 @@ def keyring_store(probe=True):
         import keyring
     except ImportError:
         raise SecretStoreError("the keyring package is not installed") from None
-    with _QuietStderr():
-        backend = keyring.get_keyring()
+    try:
+        with _QuietStderr():
+            backend = keyring.get_keyring()
+    except Exception as error:  # a backend's own check failing (no bus of ours, pass not set up): not usable
+        raise SecretStoreError(f"keyring found no usable backend: {type(error).__name__}: {error}") from None
     reason = refusal(backend)
     if reason:
         raise SecretStoreError(reason)

@@ -186,7 +186,7 @@ def status(as_json=False, io=None, client=None):
     record_region(client, active and active.get("region"))
     valid = bool(active and active.get("valid"))
     warnings = shadowing_warnings(listen=data.get("listen")) + endpoint_warnings(data)
-    data["secret_store"] = _secret_store()
+    data["key_store"] = _secret_store()
     if as_json:
         data["warnings"] = warnings
         io.data(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -215,7 +215,7 @@ def status(as_json=False, io=None, client=None):
                 lines.append(f"last error: {active['last_error']}")
         else:
             lines.append("profile:    none (run: imsa assume PROFILE)")
-        lines.append(f"keys:       {data['secret_store']}")
+        lines.append(f"keys:       {data['key_store']}")
         if data.get("saved_sessions"):
             lines.append(f"sessions:   saved in {data['saved_sessions']}")
         io.data("\n".join(lines) + "\n")

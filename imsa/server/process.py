@@ -431,7 +431,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     if is_root:
         sanitize_root_environment()
 
-    from imsa.server import control, execs, imds
+    from imsa.server import control, execs, imds, saved
     from imsa.server.store import Store
 
     tcp = inherited_socket()
@@ -486,6 +486,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
         # after the drop, the served user may not be able to read the Python installation (e.g. under /root).
         sts.preload()
         sources.load_kinds()
+        saved.preload()
         _warm_up(imds_app, control_app)
         if is_root:
             if added_alias:
@@ -513,8 +514,6 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
         raise ServiceError(f"control socket {path}: {message}") from None
     info["control_socket"] = path
     # Sessions saved by the last run come back now, as the user (the store and the files are theirs).
-    from imsa.server import saved
-
     try:
         saver = saved.open_for_service(keep_sessions)
     except saved.SavedError as error:

@@ -35,6 +35,15 @@ class SavedError(Exception):
     """The saved sessions cannot be used (no store, no key, a directory that is not private)."""
 
 
+def preload():
+    """Import what sealing and the file store need while the code is surely readable (before the drop); the
+    OS keyring's package is imported later, as the user, since finding its backend reads the user's files."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: F401
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt  # noqa: F401
+
+    from imsa import secrets  # noqa: F401
+
+
 def default_directory(environ=None):
     """``$IMSA_STATE_DIR``, else ``$XDG_STATE_HOME/imsa/sessions`` (``~/.local/state/imsa/sessions``)."""
     environ = os.environ if environ is None else environ
@@ -73,10 +82,10 @@ def open_for_service(keep=None, environ=None):
             return None
         saved = SavedSessions(default_directory(environ), session_key(store), store.name)
         saved.check_directory()
-    except (secrets.SecretStoreError, SavedError, OSError) as error:
+    except Exception as error:  # whatever a keyring backend raises: the service still serves, from memory
         if keep:
             raise SavedError(f"cannot keep sessions across restarts: {error}") from None
-        log.warning("sessions are kept in memory only: %s", error)
+        log.warning("sessions are kept in memory only: %s: %s", type(error).__name__, error)
         return None
     return saved
 
