@@ -445,6 +445,21 @@ def open_store(interactive=True, environ=None):
     return store
 
 
+def store_name(environ=None):
+    """The name of the store open_store would choose, without its probe (``imsa status`` runs on every prompt: a
+    write/read/delete in the keyring each time, bounded only by PROBE_TIMEOUT, is not for it). A keyring that fails
+    its probe when keys are read falls back as open_store says."""
+    environ = os.environ if environ is None else environ
+    choice = (environ.get(STORE_VARIABLE) or "auto").lower()
+    if choice in ("auto", "keyring"):
+        try:
+            return keyring_store(probe=False).name
+        except SecretStoreError as error:
+            if choice == "keyring":
+                return f"no secret store: {STORE_VARIABLE}=keyring, but {error}"
+    return f"encrypted files ({default_directory(environ)})"
+
+
 def get_keys(profile, store=None):
     """(access key id, secret) of *profile* from the store; SecretStoreError when the store has none."""
     store = store or open_store()

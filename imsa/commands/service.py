@@ -168,13 +168,10 @@ def stop(io=None, client=None):
 
 
 def _secret_store():
-    """The name of the secret store this user's keys go to (imsa/secrets.py), or why there is none."""
+    """The name of the secret store this user's keys go to (imsa/secrets.py; not probed), or why there is none."""
     from imsa import secrets
 
-    try:
-        return secrets.open_store(interactive=False).name
-    except secrets.SecretStoreError as error:
-        return f"no secret store: {error}"
+    return secrets.store_name()
 
 
 def status(as_json=False, io=None, client=None):
