@@ -135,10 +135,16 @@ def build_parser():
                         help="the command to run (default: $SHELL)")
 
     process = command(
-        "credential-process", "print PROFILE's credentials for credential_process in ~/.aws/config",
-        "credential_process = imsa credential-process admin   (in ~/.aws/config)", run="exec.credential_process",
+        "credential-process", "print PROFILE's credentials for credential_process in ~/.aws/config, or a "
+        "certificate's (IAM Roles Anywhere, with aws_signing_helper's options)",
+        "credential_process = imsa credential-process admin   (in ~/.aws/config)",
+        usage="imsa credential-process PROFILE\n       imsa credential-process --certificate PATH --private-key PATH "
+              "--trust-anchor-arn ARN --profile-arn ARN --role-arn ARN [--intermediates PATH] "
+              "[--session-duration S] [--region REGION]",
+        run="roles_anywhere.credential_process",
     )
-    process.add_argument("name", metavar="PROFILE").completer = _complete_profiles
+    process.add_argument("name", metavar="PROFILE", nargs="?").completer = _complete_profiles
+    _add_signing_helper_options(process)
 
     console = command("console", "open the AWS console signed in with PROFILE's role", "imsa console admin --print",
                       run="console.console")
@@ -172,6 +178,13 @@ def build_parser():
     )
     completion.add_argument("shell", choices=SHELLS, metavar="bash|zsh|fish")
     return parser
+
+
+def _add_signing_helper_options(parser):
+    """``aws_signing_helper credential-process``'s options, under its names (imsa/sources/roles_anywhere.py)."""
+    from imsa.sources.roles_anywhere import add_helper_options
+
+    add_helper_options(parser.add_argument_group("IAM Roles Anywhere (aws_signing_helper's options)"))
 
 
 def _add_exec_options(parser):
