@@ -91,8 +91,9 @@ class Pki:
     """An EC P-384 root (the trust anchor's CA), an RSA intermediate, a foreign CA, a TLS certificate for
     127.0.0.1, and leaves made on demand; files written under *directory*."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, owner=None):
         self.directory = directory
+        self.owner = owner  # (uid, gid) of every file written: the service may read them as another user
         self.root_key = new_key("p384")
         self.root = certificate("imsa test root", self.root_key, ca=True, hash_name="sha384")
         self.intermediate_key = new_key("rsa")
@@ -109,9 +110,13 @@ class Pki:
     def write(self, name, data, mode=0o600):
         """Write *data* to *name* under the directory; its path."""
         path = os.path.join(self.directory, name)
-        with open(path, "wb") as handle:
+        # Renewed as certificate tools renew: a new file renamed over the old, so no reader sees half of one.
+        with open(path + ".new", "wb") as handle:
             handle.write(data)
-        os.chmod(path, mode)
+        os.chmod(path + ".new", mode)
+        if self.owner is not None:
+            os.chown(path + ".new", *self.owner)
+        os.replace(path + ".new", path)
         return path
 
     def leaf(self, name, kind="rsa", via="intermediate", form="fullchain", hash_name="sha256", passphrase=None,
@@ -152,8 +157,9 @@ class FakeRolesAnywhere:
     """The strict CreateSession endpoint; ``url`` once started. *profiles*: profile ARN -> {role_arns,
     accept_role_session_name, duration_max}; *anchors*: trust anchor ARN -> CA certificate."""
 
-    def __init__(self, pki, sts_endpoint, keys, role_arns, clock=now):
+    def __init__(self, pki, sts_endpoint, keys, role_arns, clock=now, lifetime=None):
         self.pki = pki
+        self.lifetime = lifetime  # a knob: credentials expire this many seconds after they are issued
         self.sts_endpoint = sts_endpoint
         self.keys = keys
         self.clock = clock
@@ -277,6 +283,8 @@ class FakeRolesAnywhere:
         if not isinstance(duration, int) or not 900 <= duration <= profile["duration_max"]:
             raise Refused(400, "durationSeconds out of range")
         credentials = self._assume(request["roleArn"], leaf.serial_number, duration)
+        if self.lifetime:
+            credentials["Expiration"] = (self.clock() + datetime.timedelta(seconds=self.lifetime)).replace(microsecond=0)
         with self._lock:
             self.sessions.append({"serial": leaf.serial_number, "role_arn": request["roleArn"],
                                   "algorithm": match["alg"]})

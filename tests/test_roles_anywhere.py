@@ -6,15 +6,19 @@ import datetime
 import http.client
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
+import time
 import urllib.parse
 
 import boto3
 import pytest
 
-from conftest import answer_on_terminal, one_error_line, run_imsa, run_without_terminal
+from conftest import (
+    SERVICE_UID, answer_on_terminal, one_error_line, run_imsa, run_without_terminal, shared_tmpdir,
+)
 from roles_anywhere_fake import PROFILE_ARN, REGION, TRUST_ANCHOR_ARN, FakeRolesAnywhere, Pki, now
 
 from imsa.errors import ConfigError
@@ -269,3 +273,92 @@ def test_an_encrypted_key_is_opened_with_a_passphrase_typed_on_the_terminal(pki,
     done = run_without_terminal(*args, env=helper_env)
     assert one_error_line(done, 3) == (f"imsa: error: private key {files['private_key']} is encrypted and there is no "
                                        "terminal to ask its passphrase on")
+
+
+# --- as a source the service mints from: ~/.aws/config profiles with the signing helper's line ---
+
+
+@pytest.fixture
+def service_pki():
+    """A PKI in a directory the service's user can reach, its files that user's (the service reads them)."""
+    directory = shared_tmpdir("imsa-pki-")
+    owner = (SERVICE_UID, SERVICE_UID) if os.geteuid() == 0 else None
+    yield Pki(directory, owner)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def short_fake(service_pki, sts_server):
+    """The fake, its credentials lasting 20 s: imsa renews them at half that."""
+    server = FakeRolesAnywhere(service_pki, sts_server.endpoint, sts_server.users["bob"],
+                               [sts_server.roles["role-a"], sts_server.roles["role-b"]], lifetime=20).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ra_env(monkeypatch, service_pki, short_fake):
+    """The CLI's environment: the fake as Roles Anywhere's endpoint, the test root trusted."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_ROLESANYWHERE", short_fake.url)
+    monkeypatch.setenv("AWS_CA_BUNDLE", service_pki.ca_bundle)
+    return short_fake
+
+
+def test_a_signing_helper_profile_is_served_and_a_renewed_certificate_is_used_at_the_next_refresh(
+        isolated_env, sts_env, service_pki, ra_env, service):
+    files = service_pki.leaf("host", kind="p256", form="fullchain")
+    role_a, role_c = sts_env.roles["role-a"], sts_env.roles["role-c"]
+    (isolated_env / ".aws" / "config").write_text(
+        f"[profile ra]\ncredential_process = {helper_line('aws_signing_helper', files, role_a)}\nregion = us-east-1\n"
+        f"[profile ra-c]\nrole_arn = {role_c}\nsource_profile = ra\n")
+    listed = run_imsa("list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    done = run_imsa("assume", "ra")
+    assert done.returncode == 0, done.stderr
+    assert f"new session from Roles Anywhere certificate {files['certificate']}" in done.stderr
+    status = service.client.status()
+    assert status["active"]["role_arn"] == role_a and status["active"]["source"].startswith("Roles Anywhere")
+    assert [s["kind"] for s in status["sessions"]] == ["roles_anywhere"]
+    served = imds_credentials(service)
+    assert ":assumed-role/role-a/" in caller_of(sts_env, served)
+    assert ra_env.sessions[-1]["serial"] == files["cert"].serial_number
+    # A chain from it: CreateSession for role-a, then AssumeRole of role-c, on the one session.
+    chained = run_imsa("export", "ra-c", "--format", "json")
+    assert chained.returncode == 0, chained.stderr
+    assert ":assumed-role/role-c/" in caller_of(sts_env, json.loads(chained.stdout))
+    # The certificate is renewed on disk (new key, new serial); the service reads it at its next refresh.
+    renewed = service_pki.leaf("host", kind="rsa", form="fullchain")
+    assert renewed["cert"].serial_number != files["cert"].serial_number
+    deadline = time.monotonic() + 40
+    while ra_env.sessions[-1]["serial"] != renewed["cert"].serial_number and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ra_env.sessions[-1]["serial"] == renewed["cert"].serial_number
+    assert ra_env.sessions[-1]["algorithm"] == "AWS4-X509-RSA-SHA256"
+    assert ":assumed-role/role-a/" in caller_of(sts_env, imds_credentials(service))
+
+
+def imds_credentials(service):
+    """What IMDS serves now (IMDSv2, as SDKs ask)."""
+    token = http_call(service, "PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+    headers = {"X-aws-ec2-metadata-token": token}
+    name = http_call(service, "GET", "/latest/meta-data/iam/security-credentials/", headers).strip()
+    return json.loads(http_call(service, "GET", f"/latest/meta-data/iam/security-credentials/{name}", headers))
+
+
+def http_call(service, method, path, headers):
+    connection = http.client.HTTPConnection(service.host, service.port, timeout=10)
+    try:
+        connection.request(method, path, headers=headers)
+        answer = connection.getresponse()
+        assert answer.status == 200, answer.read()
+        return answer.read().decode()
+    finally:
+        connection.close()
+
+
+def caller_of(sts_server, body):
+    """GetCallerIdentity at moto with IMDS or credential_process JSON *body*."""
+    client = boto3.client("sts", endpoint_url=sts_server.endpoint, region_name="us-east-1",
+                          aws_access_key_id=body["AccessKeyId"], aws_secret_access_key=body["SecretAccessKey"],
+                          aws_session_token=body.get("Token") or body.get("SessionToken"))
+    return client.get_caller_identity()["Arn"]

@@ -18,6 +18,7 @@ A ``credential_process`` line of ``aws_signing_helper credential-process`` (or i
 """
 
 import base64
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -276,7 +277,9 @@ class Anchor:
     region: str
     intermediates: str = None
     endpoint_url: str = None
-    where: str = None
+    where: str = field(default=None, compare=False)
+    # The role CreateSession is made for, when the CLI resolved this from a profile: the first hop of its chain.
+    first_hop: object = field(default=None, compare=False)
 
     kind = KIND
     needs_person = False
@@ -438,7 +441,7 @@ def anchor_from(values, where, environ=None):
 
 
 def from_process_line(command, where, environ=None):
-    """(Anchor, Hop of its role) when *command* is ``aws_signing_helper credential-process …`` (or imsa's drop-in
+    """The Anchor (its role as ``first_hop``) when *command* is ``aws_signing_helper credential-process …`` (or imsa's drop-in
     form of it); None for any other credential_process."""
     try:
         argv = shlex.split(command)
@@ -455,5 +458,8 @@ def from_process_line(command, where, environ=None):
                           f"{' '.join(rest)[:200]} (PKCS#11 and TPM keys are not supported)")
     anchor, role_arn, duration, name = anchor_from(vars(values), where, environ)
     from imsa import config
+    from imsa.limits import MAX_ROLE_DURATION
 
-    return anchor, Hop(role_arn, name or config.default_session_name(), duration)
+    # The service renews the role before it ends, so an hour (what a role spec carries at most) is enough.
+    hop = Hop(role_arn, name or config.default_session_name(), min(duration, MAX_ROLE_DURATION))
+    return dataclasses.replace(anchor, first_hop=hop)
