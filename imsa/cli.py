@@ -91,6 +91,10 @@ def build_parser():
     start.add_argument("--allow-imdsv1", action="store_true", help="also answer requests without an IMDSv2 token")
     start.add_argument("--user", metavar="NAME", help="when run as root: the user to serve (default: SUDO_USER)")
     start.add_argument("--report-ready", action="store_true", help=argparse.SUPPRESS)
+    start.add_argument("--bindings-listen", metavar="ADDR:PORT", action="append",
+                       help="serve the bindings of imsa bind there: 127.0.0.1:PORT (full URIs) and/or "
+                            "169.254.170.2:80 (relative URIs); may be given twice")
+    start.add_argument("--state-dir", metavar="DIR", help="where bindings are kept (default ~/.local/state/imsa)")
 
     command("stop", "stop the service", "imsa stop", (EXIT_OK, EXIT_ERROR, EXIT_SERVICE), run="service.stop")
 
@@ -153,6 +157,22 @@ def build_parser():
     console.add_argument("--duration", type=int, metavar="S", help="console session length in seconds, 900-43200")
     console.add_argument("--destination", metavar="URL", help="the console page to land on")
     console.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
+
+    bind = command(
+        "bind", "give a system service PROFILE's role: a named binding and the environment file for its unit",
+        "imsa bind web web-profile --env-file /etc/web/aws.env   (EnvironmentFile= in web.service)",
+        (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_SERVICE), run="bind.bind",
+    )
+    bind.add_argument("binding", metavar="NAME", help="the binding's name (e.g. the service's)")
+    bind.add_argument("name", metavar="PROFILE").completer = _complete_profiles
+    bind.add_argument("--mode", choices=("ecs-full", "ecs-full-query", "ecs-relative", "ecs-relative-query"),
+                      default="ecs-full", help="how the service's SDK reaches imsa (default ecs-full)")
+    bind.add_argument("--env-file", metavar="PATH", help="default: STATE_DIR/env/NAME")
+    bind.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
+
+    unbind = command("unbind", "remove binding NAME and its token (its environment file too)", "imsa unbind web",
+                     (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SERVICE), run="bind.unbind")
+    unbind.add_argument("binding", metavar="NAME")
 
     install = command(
         "install-service", "install and enable the systemd units for USER (as root)",
