@@ -201,3 +201,25 @@ def test_bind_says_which_listener_a_mode_needs(ra, sts_env, bound_service, tmp_p
                                        "169.254.170.2:80 (SDKs send relative URIs there); start it with "
                                        "--bindings-listen 169.254.170.2:80, or use --mode ecs-full")
     assert not os.path.exists(tmp_path / "x.env")
+
+
+def _can_unshare():
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        return False
+    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs root, unshare(1) and ip(8) to make a network namespace")
+def test_relative_modes_on_169_254_170_2_serve_boto3_the_aws_cli_and_js_in_a_network_namespace(isolated_env, node):
+    done = subprocess.run(["unshare", "-n", sys.executable, os.path.join(os.path.dirname(__file__), "bindings_netns.py"),
+                           node], capture_output=True, text=True, timeout=300, env=dict(os.environ),
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results["ecs-relative"]["variables"] == ["AWS_CONTAINER_AUTHORIZATION_TOKEN",
+                                                    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"]
+    assert results["ecs-relative-query"]["variables"] == ["AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"]
+    for mode in ("ecs-relative", "ecs-relative-query"):
+        for client in ("boto3", "aws", "js"):
+            assert ":assumed-role/role-a/" in results[mode][client], (mode, client, results[mode][client])
+        assert results[mode]["after_unbind"][0] == 0 and results[mode]["after_unbind"][1] != 0, results[mode]

@@ -27,6 +27,7 @@ binding exists; the token where the mode puts it, compared in constant time. Any
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ MAX_BINDINGS = 1024
 PERSISTED_KINDS = ("roles_anywhere",)
 # Where a relative URI is sent by every SDK (ECS's address).
 ECS_ADDRESS = "169.254.170.2"
+ECS_IP = ipaddress.ip_address(ECS_ADDRESS)
 
 
 class BindingError(ValueError):
@@ -221,7 +223,9 @@ def create_app(store, bindings, hosts):
 
     @app.get("/bindings/<name>")
     def credentials(name):
-        if not is_local_peer(request.remote_addr or ""):
+        # A local client of 169.254.170.2 arrives from that address itself (the listener takes only what arrives
+        # on lo: process.bind_tcp with device lo).
+        if not is_local_peer(request.remote_addr or "", ECS_IP):
             refuse(403, "AccessDenied", "peer address not allowed")
         if request.headers.get("Host") not in hosts:
             refuse(403, "AccessDenied", "Host header not allowed")  # DNS rebinding names its own host
