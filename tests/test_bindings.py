@@ -19,6 +19,7 @@ from roles_anywhere_fake import PROFILE_ARN, TRUST_ANCHOR_ARN, FakeRolesAnywhere
 
 from imsa.server.bound import token_digest
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 VENV_BIN = os.path.dirname(sys.executable)
 FULL_MODES = ("ecs-full", "ecs-full-query")
 BOTO3_WHOAMI = ("import boto3, json, sys\n"
@@ -211,7 +212,7 @@ def _can_unshare():
 
 @pytest.mark.skipif(not _can_unshare(), reason="needs root, unshare(1) and ip(8) to make a network namespace")
 def test_relative_modes_on_169_254_170_2_serve_boto3_the_aws_cli_and_js_in_a_network_namespace(isolated_env, node):
-    done = subprocess.run(["unshare", "-n", sys.executable, os.path.join(os.path.dirname(__file__), "bindings_netns.py"),
+    done = subprocess.run(["unshare", "-n", sys.executable, os.path.join(HERE, "bindings_netns.py"),
                            node], capture_output=True, text=True, timeout=300, env=dict(os.environ),
                           stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -223,3 +224,36 @@ def test_relative_modes_on_169_254_170_2_serve_boto3_the_aws_cli_and_js_in_a_net
         for client in ("boto3", "aws", "js"):
             assert ":assumed-role/role-a/" in results[mode][client], (mode, client, results[mode][client])
         assert results[mode]["after_unbind"][0] == 0 and results[mode]["after_unbind"][1] != 0, results[mode]
+
+
+def readme_units():
+    """The example units of README's "Bindings for system services": {file name: text}."""
+    with open(os.path.join(os.path.dirname(HERE), "README.md")) as handle:
+        text = handle.read()
+    section = text.split("### Bindings for system services", 1)[1].split("\n## ", 1)[0]
+    units = {}
+    for block in section.split("```ini\n")[1:]:
+        body = block.split("```", 1)[0]
+        first, _, rest = body.partition("\n")
+        if first.startswith("# /etc/systemd/system/"):
+            units[os.path.basename(first[2:])] = rest
+    return units
+
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
+def test_the_readmes_example_units_pass_systemd_analyze_verify(tmp_path):
+    units = readme_units()
+    assert sorted(units) == ["imsa-bind-web.service", "web.service"]
+    assert "Before=web.service" in units["imsa-bind-web.service"] and "PartOf=web.service" in units["imsa-bind-web.service"]
+    assert "EnvironmentFile=/srv/web/aws.env" in units["web.service"]
+    imsa = os.path.join(VENV_BIN, "imsa")
+    for name, text in units.items():
+        # The programs must exist for verify: this install's imsa, and a stand-in for the web server; the user too.
+        text = text.replace("/usr/local/bin/imsa", imsa).replace("/usr/local/bin/web-server", shutil.which("sleep"))
+        (tmp_path / name).write_text(text.replace("User=alice", "User=nobody"))
+    done = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / name) for name in sorted(units))],
+                          capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    problems = [line for line in done.stderr.splitlines() if line.strip() and "Special user nobody" not in line]
+    assert problems == []
