@@ -257,3 +257,19 @@ def test_the_readmes_example_units_pass_systemd_analyze_verify(tmp_path):
     assert done.returncode == 0, done.stderr
     problems = [line for line in done.stderr.splitlines() if line.strip() and "Special user nobody" not in line]
     assert problems == []
+
+
+def test_a_binding_whose_role_cannot_be_had_is_not_kept(ra, sts_env, bound_service, state_dir, tmp_path):
+    # role-b is not in the fake's Roles Anywhere profile: CreateSession is refused, and nothing is bound.
+    config = os.path.join(os.environ["HOME"], ".aws", "config")
+    with open(config) as handle:
+        text = handle.read()
+    with open(config, "w") as handle:
+        handle.write(text.replace(sts_env.roles["role-a"], sts_env.roles["role-b"]))
+    env_file = tmp_path / "web.env"
+    done = run_imsa("bind", "web", "ra", "--env-file", str(env_file))
+    assert done.returncode == 4 and done.stdout == ""
+    assert done.stderr.splitlines()[-1].endswith("(403): the profile does not list this role")
+    assert not env_file.exists()
+    assert bound_service.client.status()["service_bindings"] == []
+    assert not os.path.exists(os.path.join(state_dir, "bindings", "web.json"))

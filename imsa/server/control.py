@@ -163,18 +163,15 @@ def create_app(store, owner_uid, info, on_stop, bindings=None, service_bindings=
             return jsonify(revoked=binding_id)
 
     if service_bindings is not None:
-        from imsa.server.bound import BindingError
-
         @app.post("/service-bindings")
         def bind_service():
             data = body()
+            # The role's credentials first: STS or Roles Anywhere errors now (502), before anything is kept.
+            creds = store.credentials_for(spec_from(data.get("spec")))
             try:
                 record = service_bindings.add(data, spec_from)
-            except BindingError as error:
+            except ValueError as error:  # BindingError, or the persisted session's material or settings
                 raise BadRequest(str(error)) from None
-            except ValueError as error:  # the persisted session's material or settings
-                raise BadRequest(str(error)) from None
-            creds = store.credentials_for(RoleSpec.from_json(record["spec"]))  # STS errors now (502), not at boot
             return jsonify(name=record["name"], mode=record["mode"], expiration=format_time(creds.expiration),
                            persisted_session=record["session"] is not None)
 
