@@ -169,10 +169,21 @@ def build_parser():
                       default="ecs-full", help="how the service's SDK reaches imsa (default ecs-full)")
     bind.add_argument("--env-file", metavar="PATH", help="default: STATE_DIR/env/NAME")
     bind.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
+    _add_system_options(bind)
+    bind.add_argument("--address", metavar="ADDR:PORT", dest="listen",
+                      help="with --system: imsa-system.socket's loopback listener (default 127.0.0.1:7223)")
 
     unbind = command("unbind", "remove binding NAME and its token (its environment file too)", "imsa unbind web",
                      (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SERVICE), run="bind.unbind")
     unbind.add_argument("binding", metavar="NAME")
+    _add_system_options(unbind)
+
+    serve = command(
+        "serve-system", "serve the system configuration's bindings (what imsa-system.service runs, as its own user)",
+        "imsa serve-system --config-dir /etc/imsa/system   (ExecStart= of imsa-system.service)",
+        (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG), run="system.serve_system",
+    )
+    serve.add_argument("--config-dir", metavar="DIR", help="the root-owned configuration (default /etc/imsa/system)")
 
     install = command(
         "install-service", "install and enable the systemd units for USER (as root)",
@@ -183,6 +194,8 @@ def build_parser():
     install.add_argument("--unit-dir", metavar="DIR", help="write the units to DIR instead, and enable nothing")
     install.add_argument("--no-enable", action="store_false", dest="enable",
                          help="write the units only: no daemon-reload, no enable")
+    install.add_argument("--system", action="store_true",
+                         help="the system-wide mode instead: imsa-system.socket and imsa-system.service")
 
     hook = command(
         "shell-init", "print the shell hook that keeps AWS_REGION in step with the profile imsa serves",
@@ -198,6 +211,12 @@ def build_parser():
     )
     completion.add_argument("shell", choices=SHELLS, metavar="bash|zsh|fish")
     return parser
+
+
+def _add_system_options(parser):
+    parser.add_argument("--system", action="store_true",
+                        help="as root: in the system configuration that imsa-system.service serves")
+    parser.add_argument("--config-dir", metavar="DIR", help="with --system: default /etc/imsa/system")
 
 
 def _add_signing_helper_options(parser):

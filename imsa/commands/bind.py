@@ -11,7 +11,7 @@ import secrets
 
 from imsa.client import Client
 from imsa.commands.common import Io, ensure_session, load_profile, mfa_codes
-from imsa.errors import EXIT_OK, ImsaError, ServiceError
+from imsa.errors import EXIT_OK, ImsaError, ServiceError, UsageError
 
 TOKEN_BYTES = 32
 ECS_LISTEN = "169.254.170.2:80"
@@ -53,10 +53,21 @@ def write_env_file(path, values):
         handle.write(text)
 
 
-def bind(binding, name, mode="ecs-full", env_file=None, mfa_token=None, io=None, client=None, prompt=None):
-    """Bind profile *name* to a system service as *binding*: the service serves its role, the env file says where."""
+def bind(binding, name, mode="ecs-full", env_file=None, mfa_token=None, io=None, client=None, prompt=None,
+         system=False, config_dir=None, listen=None):
+    """Bind profile *name* to a system service as *binding*: the service serves its role, the env file says where.
+    With *system*, the binding goes into the system configuration instead (imsa/commands/system.py)."""
     from imsa.server.bound import token_digest
 
+    if system:
+        if env_file or mfa_token:
+            raise UsageError("bind --system writes the environment file into the system configuration and asks no "
+                             "MFA code: leave out --env-file and --mfa-token")
+        from imsa.commands.system import bind_system
+
+        return bind_system(binding, name, mode, config_dir, listen, io)
+    if config_dir or listen:
+        raise UsageError("--config-dir and --address go with --system")
     io = io or Io()
     profile = load_profile(name, io)
     client = client or Client()
@@ -80,8 +91,13 @@ def bind(binding, name, mode="ecs-full", env_file=None, mfa_token=None, io=None,
     return EXIT_OK
 
 
-def unbind(binding, io=None, client=None):
-    """Remove *binding*: its token stops working at once; its environment file is deleted."""
+def unbind(binding, io=None, client=None, system=False, config_dir=None):
+    """Remove *binding*: its token stops working at once; its environment file is deleted. With *system*, from the
+    system configuration."""
+    if system:
+        from imsa.commands.system import unbind_system
+
+        return unbind_system(binding, config_dir, io)
     io = io or Io()
     client = client or Client()
     answer = client.unbind_service(binding)

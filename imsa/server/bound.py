@@ -96,9 +96,10 @@ class ServiceBindings:
             except (OSError, ValueError, StsError) as error:
                 log.warning("binding file %s skipped: %s", shown(entry), error)
 
-    def add(self, data, spec_from):
-        """Make or replace the binding *data* describes (name, mode, token_sha256, spec); persist it."""
-        return self._add(data, spec_from, persist=True)
+    def add(self, data, spec_from, persist=True):
+        """Make or replace the binding *data* describes (name, mode, token_sha256, spec); persist it unless told not
+        to (the system mode's bindings live in its configuration directory)."""
+        return self._add(data, spec_from, persist=persist)
 
     def _add(self, data, spec_from, persist):
         if not isinstance(data, dict):

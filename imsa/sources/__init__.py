@@ -32,6 +32,7 @@ from dataclasses import dataclass
 KINDS = {
     "credentials": ("imsa.credentials:Credentials", "imsa.sts:assume_chain"),
     "roles_anywhere": ("imsa.sources.roles_anywhere:Anchor", "imsa.sources.roles_anywhere:mint"),
+    "credential_process": ("imsa.sources.system_process:Command", "imsa.sources.system_process:mint"),
 }
 
 
