@@ -230,7 +230,7 @@ def readme_units():
     """The example units of README's "Bindings for system services": {file name: text}."""
     with open(os.path.join(os.path.dirname(HERE), "README.md")) as handle:
         text = handle.read()
-    section = text.split("### Bindings for system services", 1)[1].split("\n## ", 1)[0]
+    section = text.split("### Bindings for system services", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
     units = {}
     for block in section.split("```ini\n")[1:]:
         body = block.split("```", 1)[0]
