@@ -142,6 +142,7 @@ def load_bindings(directory, environ=None):
 
     directory = check_directory(directory)
     environ = config_environ(directory, environ)
+    read_trusted(environ["AWS_CONFIG_FILE"])  # before its [default] says how STS is reached
     settings = sts_settings.resolve(environ)
     bindings_dir = os.path.join(directory, BINDINGS_NAME)
     names = []
