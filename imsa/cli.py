@@ -97,6 +97,10 @@ def build_parser():
                       "default: on when the secret store is the OS keyring")
     keep.add_argument("--no-keep-sessions", action="store_const", const=False, dest="keep_sessions",
                       help="keep sessions in memory only")
+    start.add_argument("--bindings-listen", metavar="ADDR:PORT", action="append",
+                       help="serve the bindings of imsa bind there: 127.0.0.1:PORT (full URIs) and/or "
+                            "169.254.170.2:80 (relative URIs); may be given twice")
+    start.add_argument("--state-dir", metavar="DIR", help="where bindings are kept (default ~/.local/state/imsa)")
 
     command("stop", "stop the service", "imsa stop", (EXIT_OK, EXIT_ERROR, EXIT_SERVICE), run="service.stop")
 
@@ -142,10 +146,16 @@ def build_parser():
                         help="the command to run (default: $SHELL)")
 
     process = command(
-        "credential-process", "print PROFILE's credentials for credential_process in ~/.aws/config",
-        "credential_process = imsa credential-process admin   (in ~/.aws/config)", run="exec.credential_process",
+        "credential-process", "print PROFILE's credentials for credential_process in ~/.aws/config, or a "
+        "certificate's (IAM Roles Anywhere, with aws_signing_helper's options)",
+        "credential_process = imsa credential-process admin   (in ~/.aws/config)",
+        usage="imsa credential-process PROFILE\n       imsa credential-process --certificate PATH --private-key PATH "
+              "--trust-anchor-arn ARN --profile-arn ARN --role-arn ARN [--intermediates PATH] "
+              "[--session-duration S] [--region REGION]",
+        run="roles_anywhere.credential_process",
     )
-    process.add_argument("name", metavar="PROFILE").completer = _complete_profiles
+    process.add_argument("name", metavar="PROFILE", nargs="?").completer = _complete_profiles
+    _add_signing_helper_options(process)
 
     console = command("console", "open the AWS console signed in with PROFILE's role", "imsa console admin --print",
                       run="console.console")
@@ -156,6 +166,33 @@ def build_parser():
     console.add_argument("--destination", metavar="URL", help="the console page to land on")
     console.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
 
+    bind = command(
+        "bind", "give a system service PROFILE's role: a named binding and the environment file for its unit",
+        "imsa bind web web-profile --env-file /etc/web/aws.env   (EnvironmentFile= in web.service)",
+        (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_SERVICE), run="bind.bind",
+    )
+    bind.add_argument("binding", metavar="NAME", help="the binding's name (e.g. the service's)")
+    bind.add_argument("name", metavar="PROFILE").completer = _complete_profiles
+    bind.add_argument("--mode", choices=("ecs-full", "ecs-full-query", "ecs-relative", "ecs-relative-query"),
+                      default="ecs-full", help="how the service's SDK reaches imsa (default ecs-full)")
+    bind.add_argument("--env-file", metavar="PATH", help="default: STATE_DIR/env/NAME")
+    bind.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
+    _add_system_options(bind)
+    bind.add_argument("--address", metavar="ADDR:PORT", dest="listen",
+                      help="with --system: imsa-system.socket's loopback listener (default 127.0.0.1:7223)")
+
+    unbind = command("unbind", "remove binding NAME and its token (its environment file too)", "imsa unbind web",
+                     (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SERVICE), run="bind.unbind")
+    unbind.add_argument("binding", metavar="NAME")
+    _add_system_options(unbind)
+
+    serve = command(
+        "serve-system", "serve the system configuration's bindings (what imsa-system.service runs, as its own user)",
+        "imsa serve-system --config-dir /etc/imsa/system   (ExecStart= of imsa-system.service)",
+        (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG), run="system.serve_system",
+    )
+    serve.add_argument("--config-dir", metavar="DIR", help="the root-owned configuration (default /etc/imsa/system)")
+
     install = command(
         "install-service", "install and enable the systemd units for USER (as root)",
         "sudo imsa install-service alice   (files only: --unit-dir DIR)", (EXIT_OK, EXIT_ERROR, EXIT_USAGE),
@@ -165,6 +202,8 @@ def build_parser():
     install.add_argument("--unit-dir", metavar="DIR", help="write the units to DIR instead, and enable nothing")
     install.add_argument("--no-enable", action="store_false", dest="enable",
                          help="write the units only: no daemon-reload, no enable")
+    install.add_argument("--system", action="store_true",
+                         help="the system-wide mode instead: imsa-system.socket and imsa-system.service")
 
     logout = command("logout", "forget PROFILE's session (--all: every session) in the service and where it is saved",
                      "imsa logout --all", (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_SERVICE), run="keys.logout")
@@ -210,6 +249,19 @@ def build_parser():
     )
     completion.add_argument("shell", choices=SHELLS, metavar="bash|zsh|fish")
     return parser
+
+
+def _add_system_options(parser):
+    parser.add_argument("--system", action="store_true",
+                        help="as root: in the system configuration that imsa-system.service serves")
+    parser.add_argument("--config-dir", metavar="DIR", help="with --system: default /etc/imsa/system")
+
+
+def _add_signing_helper_options(parser):
+    """``aws_signing_helper credential-process``'s options, under its names (imsa/sources/roles_anywhere.py)."""
+    from imsa.sources.roles_anywhere import add_helper_options
+
+    add_helper_options(parser.add_argument_group("IAM Roles Anywhere (aws_signing_helper's options)"))
 
 
 def _add_exec_options(parser):

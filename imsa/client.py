@@ -164,6 +164,14 @@ class Client:
         """End a binding; None when the service no longer has it."""
         return self._call("POST", "/bindings/revoke", {"id": binding_id}, missing_ok=True)
 
+    def bind_service(self, binding):
+        """Make or replace a system service's binding ({name, mode, token_sha256, spec, env_file})."""
+        return self._call("POST", "/service-bindings", binding)
+
+    def unbind_service(self, name):
+        """Remove binding *name*: {removed, env_file}, or None when the service has none of that name."""
+        return self._call("POST", "/service-bindings/remove", {"name": name}, missing_ok=True)
+
     def stop(self):
         """Ask the service to stop."""
         return self._call("POST", "/stop", {})

@@ -130,7 +130,7 @@ def test_the_built_package_carries_the_units_unchanged(tmp_path):
         packaged = {name.rsplit("/", 1)[1]: archive.read(name) for name in archive.namelist()
                     if re.fullmatch(r"imsa-[^/]+\.data/data/share/imsa/[^/]+", name)}
         modules = {name for name in archive.namelist() if name.startswith("imsa/") and name.endswith(".py")}
-    assert packaged == {name: _top_level(name).encode() for name in UNITS}
+    assert packaged == {name: _top_level(name).encode() for name in UNITS + ("imsa-system.service", "imsa-system.socket")}
     # The subpackages too (setup.cfg's packages = find:), every module of the tree.
     tree = {os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "imsa", "**", "*.py"), recursive=True)}
     assert {"imsa/commands/roles.py", "imsa/server/process.py"} <= tree

@@ -20,6 +20,10 @@ from imsa.errors import EXIT_OK, ServiceError, UsageError
 
 UNIT_DIR = "/etc/systemd/system"
 UNITS = ("imsa.socket", "imsa.service")
+# The system-wide mode (README, "The system-wide mode"): its own units, user and configuration directory.
+SYSTEM_UNITS = ("imsa-system.socket", "imsa-system.service")
+SYSTEM_USER = "imsa"
+SYSTEM_CONFIG = "/etc/imsa/system"
 DROP_IN = os.path.join("imsa.service.d", "user.conf")
 # Where setup.cfg's data_files puts the units, relative to the install's prefix.
 DATA_DIR = ("share", "imsa")
@@ -31,14 +35,14 @@ EXEC_START = re.compile(r"^ExecStart=\S+(?= )", re.MULTILINE)
 PLAIN_WORD = re.compile(r"[A-Za-z0-9/._+@:,=-]+")
 
 
-def unit_sources():
-    """{unit name: path} of the units this imsa ships: its source tree's when it runs from one (a clone, an editable
-    install), else the copies installed with the package."""
+def unit_sources(units=UNITS):
+    """{unit name: path} of *units* as this imsa ships them: its source tree's when it runs from one (a clone, an
+    editable install), else the copies installed with the package."""
     import imsa
 
     tree = os.path.dirname(os.path.dirname(os.path.abspath(imsa.__file__)))
-    if os.path.isfile(os.path.join(tree, "setup.cfg")) and all(os.path.isfile(os.path.join(tree, n)) for n in UNITS):
-        return {name: os.path.join(tree, name) for name in UNITS}
+    if os.path.isfile(os.path.join(tree, "setup.cfg")) and all(os.path.isfile(os.path.join(tree, n)) for n in units):
+        return {name: os.path.join(tree, name) for name in units}
     from importlib import metadata
 
     found = {}
@@ -47,9 +51,9 @@ def unit_sources():
     except metadata.PackageNotFoundError:
         files = []
     for entry in files:
-        if entry.name in UNITS and entry.parts[-3:-1] == DATA_DIR:
+        if entry.name in units and entry.parts[-3:-1] == DATA_DIR:
             found[entry.name] = str(entry.locate())
-    for name in UNITS:  # a package without a RECORD: where pip puts data files under the prefix
+    for name in units:  # a package without a RECORD: where pip puts data files under the prefix
         found.setdefault(name, os.path.join(sys.prefix, *DATA_DIR, name))
     missing = [path for path in found.values() if not os.path.isfile(path)]
     if missing:
@@ -132,14 +136,68 @@ def systemctl(*args):
         raise ServiceError(f"systemctl {' '.join(args)} failed: {lines[-1] if lines else f'exit {done.returncode}'}")
 
 
-def install_service(user=None, unit_dir=None, enable=True, io=None):
+def system_user():
+    """Make the system mode's own user (no home, no shell) unless it exists."""
+    import subprocess
+
+    try:
+        pwd.getpwnam(SYSTEM_USER)
+        return
+    except KeyError:
+        pass
+    try:
+        done = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                               "--shell", "/usr/sbin/nologin", SYSTEM_USER], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise ServiceError(f"useradd is not installed: make the system user {SYSTEM_USER!r} yourself") from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise ServiceError(f"useradd {SYSTEM_USER} failed: {lines[-1] if lines else f'exit {done.returncode}'}")
+
+
+def install_system(unit_dir=None, enable=True, io=None):
+    """The system-wide mode: imsa-system.socket and imsa-system.service (ExecStart: this imsa), its user, and the
+    root-owned configuration directory; enabled unless *enable* is false or the units go to *unit_dir*."""
+    io = io or Io()
+    sources = unit_sources(SYSTEM_UNITS)
+    command = imsa_command()
+    target = unit_dir or UNIT_DIR
+    os.makedirs(target, DIR_MODE, exist_ok=True)
+    with open(sources["imsa-system.socket"], encoding="utf-8") as handle:
+        write_file(os.path.join(target, "imsa-system.socket"), handle.read())
+    with open(sources["imsa-system.service"], encoding="utf-8") as handle:
+        write_file(os.path.join(target, "imsa-system.service"), service_unit(handle.read(), command))
+    io.say(f"imsa: wrote imsa-system.socket and imsa-system.service to {target}: {' '.join(command)} as "
+           f"{SYSTEM_USER}")
+    if unit_dir is not None:
+        return EXIT_OK
+    system_user()
+    os.makedirs(SYSTEM_CONFIG, DIR_MODE, exist_ok=True)
+    if enable:
+        systemctl("daemon-reload")
+        systemctl("enable", "--now", *SYSTEM_UNITS)
+        io.say("imsa: enabled imsa-system.socket and imsa-system.service; bind a service with: "
+               "sudo imsa bind --system NAME PROFILE")
+    else:
+        io.say("imsa: not enabled; to start them now and at boot: sudo systemctl daemon-reload && "
+               "sudo systemctl enable --now imsa-system.socket imsa-system.service")
+    return EXIT_OK
+
+
+def install_service(user=None, unit_dir=None, enable=True, io=None, system=False):
     """Write imsa.socket, imsa.service (ExecStart: this imsa) and the User= drop-in for *user*, then reload systemd
-    and enable both units, unless *enable* is false or the units go to *unit_dir* rather than systemd's own."""
+    and enable both units, unless *enable* is false or the units go to *unit_dir* rather than systemd's own. With
+    *system*, the system-wide mode's units instead (install_system)."""
     from imsa.server import process
 
     io = io or Io()
     if os.geteuid() != 0:
         raise UsageError("install-service writes systemd units and needs root: sudo imsa install-service [USER]")
+    if system:
+        if user:
+            raise UsageError("install-service --system serves no person: it runs as its own user; leave out USER")
+        return install_system(unit_dir, enable, io)
     name, group = served_user(user)
     sources = unit_sources()
     command = imsa_command()

@@ -24,7 +24,7 @@ POLL = 0.05
 
 
 def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None, debug=False, report_ready=False,
-          keep_sessions=None):
+          keep_sessions=None, bindings_listen=None, state_dir=None):
     """Start the service; in the background unless *foreground*, returning once it answers."""
     import subprocess  # only here: status and export stay light
 
@@ -36,7 +36,8 @@ def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None,
     if foreground:
         process.configure_logging()
         return process.run(listen=listen, allow_imdsv1=allow_imdsv1, user=user, report_ready=report_ready,
-                           keep_sessions=keep_sessions)
+                           keep_sessions=keep_sessions, bindings_listen=bindings_listen or (),
+                           state_dir=state_dir)
     process.target_user(user)  # a usage error (root without a user to serve) is said here, not by the child
     if os.geteuid() == 0:
         for warning in process.writable_code_warnings():
@@ -61,6 +62,10 @@ def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None,
         argv += ["--user", user]
     if keep_sessions is not None:
         argv.append("--keep-sessions" if keep_sessions else "--no-keep-sessions")
+    for address in bindings_listen or ():
+        argv += ["--bindings-listen", address]
+    if state_dir:
+        argv += ["--state-dir", os.path.abspath(state_dir)]
     child = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/",
         start_new_session=True, close_fds=True,

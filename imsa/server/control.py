@@ -30,7 +30,7 @@ class BadRequest(Exception):
         self.status = status
 
 
-def create_app(store, owner_uid, info, on_stop, bindings=None):
+def create_app(store, owner_uid, info, on_stop, bindings=None, service_bindings=None):
     """The control Flask app; *info* is a dict merged into status (a callable value is called each time), *on_stop*
     ends the service; *bindings* (an execs.BindingTable) adds the routes of ``imsa exec``: POST /bindings and
     POST /bindings/revoke."""
@@ -172,6 +172,29 @@ def create_app(store, owner_uid, info, on_stop, bindings=None):
             if not bindings.revoke(binding_id):
                 return jsonify(error="no such binding"), 404
             return jsonify(revoked=binding_id)
+
+    if service_bindings is not None:
+        @app.post("/service-bindings")
+        def bind_service():
+            data = body()
+            # The role's credentials first: STS or Roles Anywhere errors now (502), before anything is kept.
+            creds = store.credentials_for(spec_from(data.get("spec")))
+            try:
+                record = service_bindings.add(data, spec_from)
+            except ValueError as error:  # BindingError, or the persisted session's material or settings
+                raise BadRequest(str(error)) from None
+            return jsonify(name=record["name"], mode=record["mode"], expiration=format_time(creds.expiration),
+                           persisted_session=record["session"] is not None)
+
+        @app.post("/service-bindings/remove")
+        def unbind_service():
+            name = body().get("name")
+            if not isinstance(name, str) or not name:
+                raise BadRequest("'name' must be a binding name")
+            record = service_bindings.remove(name)
+            if record is None:
+                return jsonify(error="no such binding"), 404
+            return jsonify(removed=name, env_file=record.get("env_file"))
 
     @app.post("/stop")
     def stop():

@@ -416,7 +416,32 @@ def configure_logging(level=logging.INFO, path=None):
     logs.configure(level, path)
 
 
-def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False, keep_sessions=None):
+def parse_bindings_listen(text):
+    """A ``--bindings-listen`` address: loopback, or ECS's 169.254.170.2 (where relative URIs go; port 80)."""
+    from imsa.server.bound import ECS_ADDRESS
+
+    host, sep, port = text.rpartition(":")
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise UsageError(f"--bindings-listen needs IP:PORT, not {text!r}") from None
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"--bindings-listen must be IP:PORT, not {text!r}")
+    if not address.is_loopback and str(address) != ECS_ADDRESS:
+        raise UsageError(f"--bindings-listen {address}: only a loopback address or {ECS_ADDRESS} (for relative "
+                         "URIs), never an address other machines reach")
+    return str(address), int(port)
+
+
+def state_directory(uid, given=None):
+    """Where the service keeps what outlives it (the bindings): *given*, else ~/.local/state/imsa of user *uid*."""
+    if given:
+        return os.path.abspath(given)
+    return os.path.join(pwd.getpwuid(uid).pw_dir, ".local", "state", "imsa")
+
+
+def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False, keep_sessions=None,
+        bindings_listen=(), state_dir=None):
     """Serve until SIGTERM/SIGINT or a control-plane stop; returns the exit status.
 
     With *report_ready* (``imsa start`` in the background), one READY_PREFIX line with the status goes to stdout
@@ -451,6 +476,19 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
                 remove_alias(host)
             raise
     host, port = tcp.getsockname()[:2]
+    bound_sockets = []
+    try:
+        for address in bindings_listen or ():
+            bound_host, bound_port = parse_bindings_listen(address)
+            bound_sockets.append(bind_tcp(bound_host, bound_port,
+                                          device="lo" if is_root and not ipaddress.ip_address(bound_host).is_loopback
+                                          else None))
+    except (ServiceError, UsageError):
+        for sock in bound_sockets + [tcp]:
+            sock.close()
+        if added_alias:
+            remove_alias(host)
+        raise
     store = Store()
     info = {
         "pid": os.getpid,  # read at each status request: after the fork below it is the serving child's
@@ -474,7 +512,19 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     info["imds_tokens"] = imds_app.config["imsa.tokens"].__len__
     bindings = execs.BindingTable(store)
     info["bindings"] = bindings.status
-    control_app = control.create_app(store, uid, info, stop_soon, bindings=bindings)
+    service_bindings = bound_app = None
+    if bound_sockets:
+        from imsa.server import bound
+
+        service_bindings = bound.ServiceBindings(store, os.path.join(state_directory(uid, state_dir), "bindings"))
+        addresses = ["%s:%d" % sock.getsockname()[:2] for sock in bound_sockets]
+        hosts = set(addresses) | {address.rsplit(":", 1)[0] for address in addresses if address.endswith(":80")}
+        bound_app = bound.create_app(store, service_bindings, hosts)
+        info["bindings_listen"] = addresses
+        info["state_dir"] = state_directory(uid, state_dir)
+        info["service_bindings"] = service_bindings.status
+    control_app = control.create_app(store, uid, info, stop_soon, bindings=bindings,
+                                     service_bindings=service_bindings)
     waiter_channel = None
     try:
         from waitress import wasyncore
@@ -551,6 +601,17 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
         max_request_body_size=1 << 20, **common,
     )
     control_server.channel_class = _peer_cred_channel()
+    servers = [imds_server, control_server]
+    if bound_sockets:
+        from imsa.server.store import RoleSpec
+
+        def spec_from(data):
+            return RoleSpec.from_json(data)
+
+        service_bindings.load(spec_from)  # as the user: the state directory is theirs
+        bound_server = create_server(bound_app, sockets=bound_sockets, threads=CONTROL_THREADS, **common)
+        bound_server.channel_class = _deadline_channel()
+        servers.append(bound_server)
 
     def on_signal(signum, _frame):
         raise SystemExit(0)
@@ -576,7 +637,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
         log.info("stopping")
         bindings.stop()
         store.stop()
-        for server in (imds_server, control_server):
+        for server in servers:
             server.task_dispatcher.shutdown(timeout=2)
             server.close()
         _unlink(path)

@@ -285,6 +285,11 @@ class Store:
             return None
         return session
 
+    def settings(self, fingerprint):
+        """The StsSettings the session of *fingerprint* was made with, or None."""
+        with self._lock:
+            return self._sts.get(fingerprint)
+
     def _minter(self, kind):
         """The minter of sessions of *kind*, imported on first use."""
         if kind not in self._minters:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 # (how the session's STS is reached), and returns Credentials.
 KINDS = {
     "credentials": ("imsa.credentials:Credentials", "imsa.sts:assume_chain"),
+    "roles_anywhere": ("imsa.sources.roles_anywhere:Anchor", "imsa.sources.roles_anywhere:mint"),
+    "credential_process": ("imsa.sources.system_process:Command", "imsa.sources.system_process:mint"),
 }
 
 

@@ -104,6 +104,8 @@ class AwsFiles:
         region = self._value(name, "region", "region")
         device = {"mfa_serial_number": serial, "mfa_process": mfa_process, "region": region}
         source = self._root_source(root, device, environ)
+        if getattr(source, "first_hop", None) is not None:  # Roles Anywhere: CreateSession is the chain's first role
+            hops.insert(0, source.first_hop)
         return Profile(name=name, origin=self.origin(name), source=source, hops=tuple(hops),
                        region=region, notes=tuple(notes))
 
@@ -225,6 +227,12 @@ class AwsFiles:
         if self._has_static(in_file):  # botocore: the credentials file before credential_process
             return self._keys(name, in_file, device, in_credentials=True)
         if profile.get("credential_process"):
+            from imsa.sources import roles_anywhere
+
+            anchor = roles_anywhere.from_process_line(profile["credential_process"],
+                                                      self.where(name, "credential_process"), environ)
+            if anchor is not None:
+                return anchor
             from imsa.sources.process import Process
 
             return Process(profile["credential_process"], self.where(name, "credential_process"), **device)
