@@ -202,6 +202,21 @@ def test_a_chain_from_an_sso_profile_assumes_its_role_from_the_portal_credential
     assert done.returncode == 0, done.stderr
     assert role_of(caller(imds_fetch(service), sts_env)) == "assumed-role/role-d"
     assert service.client.status()["active"]["via"] == ["arn:aws:iam::111111111111:role/Developer"]
+    assert "sign-in behind" not in run_imsa("status").stderr, "8 hours left: no warning yet"
+
+
+def test_status_warns_within_the_last_hour_of_the_sign_in(isolated_env, sts_env, monkeypatch, service):
+    write_sso_config(isolated_env, sts_env)
+    fake = start_fake(sts_env, monkeypatch, token_lifetime=1800)
+    try:
+        status, _, said = device_login(fake, "assume", "dev")
+        assert status == 0, said
+        text = run_imsa("status")
+        assert text.returncode == 0, text.stderr
+        assert "imsa: warning: the IAM Identity Center sign-in behind dev ends at" in text.stderr
+        assert "sign in again now with imsa login dev" in text.stderr
+    finally:
+        fake.stop()
 
 
 def test_the_device_code_and_url_go_to_stderr_and_export_prints_only_exports(sso, sts_env):

@@ -336,6 +336,7 @@ class Store:
                 "expiration": format_time(creds.expiration),
                 "valid": not creds.expired(now),
                 "session_expiration": format_time(session.expiration) if session else None,
+                "session_kind": session.kind if session else None,
                 "last_error": error,
                 # How this role's AssumeRole reaches STS: its session's settings, in the profile's own region.
                 "sts": _describe(settings[spec.fingerprint].for_region(spec.region))
