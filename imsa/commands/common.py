@@ -97,6 +97,13 @@ def ensure_session(profile, client, mfa, io, sts_factory=None):
     return True
 
 
+def mint(profile, session, spec, sts_factory):
+    """Role credentials made from *session* here, by the minter of *profile*'s session kind (when no service runs)."""
+    from imsa import sources
+
+    return sources.minter(profile.source.kind)(session, spec, sts_factory)
+
+
 def record_region(client, region):
     """Tell the shell hook (imsa shell-init) the served profile's region; a file that cannot be written is logged."""
     try:
@@ -182,13 +189,6 @@ def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None,
             return profile, session
         return profile, mint(profile, session, dict(profile.role_spec(), sts=settings), factory)
     return profile, Credentials.from_json(client.credentials(profile.role_spec()))
-
-
-def mint(profile, session, spec, sts_factory):
-    """Role credentials made from *session* here, by the minter of *profile*'s session kind (when no service runs)."""
-    from imsa import sources
-
-    return sources.minter(profile.source.kind)(session, spec, sts_factory)
 
 
 def export_lines(profile, creds, fmt):

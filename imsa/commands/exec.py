@@ -17,8 +17,7 @@ import threading
 from imsa import sts
 from imsa.client import Client
 from imsa.commands.common import (
-    Io, default_profile_has_keys, describe_left, ensure_session, load_profile, mfa_codes, mint,
-    profile_credentials,
+    Io, default_profile_has_keys, describe_left, ensure_session, load_profile, mfa_codes, profile_credentials,
 )
 from imsa.credentials import Credentials, format_time
 from imsa.errors import EXIT_OK, ImsaError, MfaError, ServiceNotRunning, UsageError
@@ -276,6 +275,8 @@ def credential_process(name, io=None, client=None, prompt=None, sts_factory=None
             raise ServiceNotRunning(f"{error}, then run `imsa assume {name}` in a terminal") from None
         io.say("imsa: the service is not running, so nothing is cached: asking STS directly (start it: imsa start)")
         session = profile.source.new_session(mfa, None, factory)
+        from imsa.commands.common import mint
+
         creds = mint(profile, session, profile.role_spec(), factory) if profile.role_arn else session
     io.data(json.dumps(process_json(profile, creds)) + "\n")
     return EXIT_OK

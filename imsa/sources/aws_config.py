@@ -104,12 +104,10 @@ class AwsFiles:
                 notes.append(note)
         serial, mfa_process = self._device([root[1]] + chain if root[0] == "profile" else chain)
         region = self._value(name, "region", "region")
-        if root[0] == "profile" and any(key in self.profiles[root[1]] for key in SSO_KEYS):
-            source, portal_hop = self._sso(root[1], serial)
-            return Profile(name=name, origin=self.origin(name), source=source, hops=(portal_hop, *hops),
-                           region=region, notes=tuple(notes))
         device = {"mfa_serial_number": serial, "mfa_process": mfa_process, "region": region}
         source = self._root_source(root, device, environ)
+        if getattr(source, "first_hop", None) is not None:  # a source whose own call makes the chain's first role
+            hops.insert(0, source.first_hop)
         return Profile(name=name, origin=self.origin(name), source=source, hops=tuple(hops),
                        region=region, notes=tuple(notes))
 
@@ -226,6 +224,8 @@ class AwsFiles:
         for key, what in NOT_YET.items():
             if key in profile:
                 raise ConfigError(f"{self.where(name, key)}: {what} is not a source imsa reads yet")
+        if any(key in profile for key in SSO_KEYS):
+            return self._sso(name, device["mfa_serial_number"])
         in_file = self._credentials.get(name, {})
         if self._has_static(in_file):  # botocore: the credentials file before credential_process
             return self._keys(name, in_file, device, in_credentials=True)
@@ -237,9 +237,9 @@ class AwsFiles:
                           "credential_process)")
 
     def _sso(self, name, serial):
-        """(the Sso source, the Hop of its portal role) of profile *name*, an IAM Identity Center profile: with
-        ``sso_session`` (its [sso-session] section names the start URL and region) or in the legacy form (the
-        profile names them itself), botocore's rules."""
+        """The Sso source of profile *name*, an IAM Identity Center profile — with ``sso_session`` (its [sso-session]
+        section names the start URL and region) or in the legacy form (the profile names them itself), botocore's
+        rules — its ``first_hop`` the portal role."""
         from imsa import config
         from imsa.sources import sso
         from imsa.sts_settings import url_problem
@@ -286,10 +286,9 @@ class AwsFiles:
                                   "sso_account_id and sso_role_name)")
             if not pattern.match(value):
                 raise ConfigError(f"{self.where(name, key)}: {value[:80]!r} is not {description}")
-        source = sso.Sso(values["sso_start_url"], values["sso_region"], session_name, scopes, where)
         hop = Hop(sso.portal_role_arn(profile["sso_account_id"], profile["sso_role_name"]),
                   config.default_session_name(), CHAINED_MAX)
-        return source, hop
+        return sso.Sso(values["sso_start_url"], values["sso_region"], session_name, scopes, where, hop)
 
     def _keys(self, name, values, device, in_credentials):
         """Keys from one file's section *values*; the errors name that file."""

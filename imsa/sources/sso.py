@@ -226,7 +226,8 @@ class Sso:
 
     *session_name* is the ``sso-session`` section's name (None for a legacy profile that names the start URL on
     itself): the AWS CLI's cache file of the token is named after it. *scopes* are the registration's scopes;
-    *where* says where it is configured, for errors.
+    *where* says where it is configured, for errors; *first_hop* is the profile's portal role (a sources.Hop), the
+    first role of its chain.
     """
 
     start_url: str
@@ -234,6 +235,7 @@ class Sso:
     session_name: str = None
     scopes: tuple = ()
     where: str = None
+    first_hop: object = None
 
     kind = KIND
 
