@@ -504,3 +504,98 @@ def test_list_sso_gives_every_account_and_role_across_pages(sso, isolated_env):
     assert table.returncode == 0 and "222222222222  prod  Admin" in table.stdout
     line = one_error_line(run_imsa("list", "--sso", "use-ro"), 2)
     assert "does not sign in to IAM Identity Center" in line
+
+
+# --- IAM Identity Center profiles of ~/.imsa ---
+
+
+def write_imsa_sso(home, sts):
+    from conftest import write_profiles
+
+    return write_profiles(home / ".imsa", {
+        "corp": {"sso_start_url": START_URL, "sso_region": "us-east-1", "sso_account_id": "111111111111",
+                 "sso_role_name": "Developer", "region": "us-east-1"},
+        "dev": {"extends": "corp"},
+        "prod": {"extends": "corp", "sso_account_id": "222222222222", "sso_role_name": "Admin"},
+        "chained": {"extends": "corp", "role_arn": sts.roles["role-d"], "role_session_name": "chained"},
+        "shared": {"extends": "corp", "sso_session": "corp", "sso_cache": "aws"},
+    })
+
+
+def tokens_in_cache(home):
+    """The cache files under ~/.aws/sso/cache that hold an access token."""
+    directory = home / ".aws" / "sso" / "cache"
+    if not directory.exists():
+        return []
+    return [path.name for path in directory.glob("*.json") if "accessToken" in json.loads(path.read_text())]
+
+
+def test_imsa_profiles_extend_one_sign_in_that_only_the_service_holds(isolated_env, sts_env, monkeypatch, service):
+    write_imsa_sso(isolated_env, sts_env)
+    fake = start_fake(sts_env, monkeypatch)
+    try:
+        status, _, said = device_login(fake, "assume", "dev")
+        assert status == 0, said
+        assert role_of(caller(imds_fetch(service), sts_env)) == "assumed-role/role-a"
+        whoami = [sys.executable, "-c", "import boto3; print(boto3.client('sts', region_name='us-east-1', "
+                  f"endpoint_url='{sts_env.endpoint}').get_caller_identity()['Arn'])"]
+        for name, role in (("prod", "role-c"), ("chained", "role-d")):
+            done = run_without_terminal("exec", name, "--", *whoami)
+            assert done.returncode == 0, done.stderr
+            assert role_of(done.stdout.strip()) == f"assumed-role/{role}"
+        assert fake.count("create_token") == 1, "one sign-in for every profile that extends it"
+        assert tokens_in_cache(isolated_env) == [], "sso_cache imsa (the default): no token in a file"
+    finally:
+        fake.stop()
+
+
+def test_sso_cache_aws_shares_the_token_with_the_aws_cli(isolated_env, sts_env, monkeypatch):
+    write_imsa_sso(isolated_env, sts_env)
+    fake = start_fake(sts_env, monkeypatch)
+    try:
+        status, _, said = device_login(fake, "login", "shared")
+        assert status == 0, said
+        assert tokens_in_cache(isolated_env) == [cache_file(isolated_env).name]
+        done = run_without_terminal("export", "shared")  # the cached token: no second sign-in
+        assert done.returncode == 0, done.stderr
+        assert fake.count("create_token") == 1
+    finally:
+        fake.stop()
+
+
+def test_a_sign_in_only_the_service_would_hold_needs_the_service(isolated_env, sts_env, monkeypatch):
+    write_imsa_sso(isolated_env, sts_env)
+    fake = start_fake(sts_env, monkeypatch)
+    try:
+        status, stdout, said = device_login(fake, "login", "dev")
+        assert status == 5 and stdout == "", said
+        assert said.splitlines()[-1].startswith("imsa: error: the service is not running, and this profile's token "
+                                                "is kept only by the service")
+        assert tokens_in_cache(isolated_env) == []
+    finally:
+        fake.stop()
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"dev": {"extends": "corp", "aws_access_key_id": "AKIAIOSFODNN7EXAMPLE"}},
+     r"profile 'dev', key 'aws_access_key_id': an IAM Identity Center profile .* signs in instead"),
+    ({"corp": {"sso_start_url": START_URL, "sso_region": "us-east-1", "sso_account_id": "111111111111"}},
+     r"profile 'dev': missing 'sso_role_name'"),
+    ({"dev": {"extends": "corp", "sso_cache": "disk"}}, r"profile 'dev', key 'sso_cache': must be aws .* or imsa"),
+    ({"dev": {"extends": "corp", "sso_account_id": "1234"}},
+     r"profile 'dev', key 'sso_account_id': '1234' is not a 12-digit account id"),
+    ({"corp": {"sso_start_url": "corp", "sso_region": "us-east-1", "sso_account_id": "111111111111",
+               "sso_role_name": "Developer"}}, r"profile 'corp', key 'sso_start_url': must be an http"),
+])
+def test_imsa_sso_profile_errors_name_file_line_profile_and_key(isolated_env, sts_env, extra, message):
+    from conftest import write_profiles
+
+    profiles = {"corp": {"sso_start_url": START_URL, "sso_region": "us-east-1", "sso_account_id": "111111111111",
+                         "sso_role_name": "Developer"}, "dev": {"extends": "corp"}}
+    profiles.update(extra)
+    write_profiles(isolated_env / ".imsa", profiles)
+    line = one_error_line(run_imsa("export", "dev"), 3)
+    assert str(isolated_env / ".imsa") in line
+    import re
+
+    assert re.search(message, line), line

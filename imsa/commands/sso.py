@@ -19,7 +19,7 @@ def sso_profile(name, io):
 
 def login(name, no_browser=False, io=None, client=None):
     """Sign in to profile *name*'s IAM Identity Center (always a new login), keep the token in the shared cache
-    (~/.aws/sso/cache) and hand it to the service when it runs."""
+    (~/.aws/sso/cache) when the profile shares it, and hand it to the service."""
     from imsa import sts_settings
     from imsa.sources import sso_login
 
@@ -31,9 +31,12 @@ def login(name, no_browser=False, io=None, client=None):
     try:
         (client or Client()).put_session(profile.fingerprint, token, settings, kind=source.kind, label=source.label)
     except ServiceNotRunning:
-        io.say("imsa: the service is not running; the token waits in ~/.aws/sso/cache for imsa assume (and the AWS "
-               "CLI)")
-        return EXIT_OK
+        if source.shared:
+            io.say("imsa: the service is not running; the token waits in ~/.aws/sso/cache for imsa assume (and the "
+                   "AWS CLI)")
+            return EXIT_OK
+        raise ServiceNotRunning("the service is not running, and this profile's token is kept only by the service "
+                                "(sso_cache: imsa); start it (imsa start), then sign in again") from None
     io.say(f"imsa: the service holds the token of {source.start_url} until {format_time(token.expiration)}; "
            f"every profile on it needs no other login")
     return EXIT_OK

@@ -227,7 +227,8 @@ class Sso:
     *session_name* is the ``sso-session`` section's name (None for a legacy profile that names the start URL on
     itself): the AWS CLI's cache file of the token is named after it. *scopes* are the registration's scopes;
     *where* says where it is configured, for errors; *first_hop* is the profile's portal role (a sources.Hop), the
-    first role of its chain.
+    first role of its chain; *shared*: the token is read from and written to the AWS CLI's cache (always for
+    ``~/.aws/config``, ``sso_cache: aws`` in ``~/.imsa``), else only the service holds it.
     """
 
     start_url: str
@@ -236,6 +237,7 @@ class Sso:
     scopes: tuple = ()
     where: str = None
     first_hop: object = None
+    shared: bool = True
 
     kind = KIND
 
@@ -268,3 +270,69 @@ class Sso:
 
         return sso_login.obtain(self, settings)
 
+
+
+# What ~/.imsa's IAM Identity Center profiles may not have: a sign-in is their source, not keys.
+NOT_WITH_SSO = ("aws_access_key_id", "aws_secret_access_key", "mfa_serial_number", "mfa_process",
+                "session_duration_seconds")
+CACHES = ("aws", "imsa")
+
+
+def imsa_profile(name, origin, chain, where):
+    """Profile *name* of ~/.imsa (a sources.Profile) whose chain of ``extends`` sets ``sso_start_url``.
+
+    *chain* is [(profile name, its raw keys)] from the farthest ancestor to *name*, each applied over the last;
+    *where(profile, key)* names a key's place in the file for errors. The portal role is the first hop, the
+    profile's ``role_arn`` (if any) is assumed from it.
+    """
+    from imsa import config
+    from imsa.errors import ConfigError
+    from imsa.limits import DEFAULT_ROLE_DURATION
+    from imsa.sources import Hop, Profile
+    from imsa.sts_settings import url_problem
+
+    merged, setter = {}, {}
+    for ancestor, values in chain:
+        for key, value in values.items():
+            if key != "extends":
+                merged[key], setter[key] = value, ancestor
+
+    def at(key):
+        return where(setter.get(key, name), key)
+
+    for key in NOT_WITH_SSO:
+        if key in merged:
+            raise ConfigError(f"{at(key)}: an IAM Identity Center profile (sso_start_url, here or in a profile it "
+                              "extends) signs in instead; it has no keys, MFA device or MFA session")
+    for key in ("sso_region", "sso_account_id", "sso_role_name"):
+        if key not in merged:
+            raise ConfigError(f"{where(name, None)}: missing {key!r} (an IAM Identity Center profile needs "
+                              "sso_start_url, sso_region, sso_account_id and sso_role_name; set it here or in a "
+                              "profile it extends)")
+    checks = {"sso_region": (REGION, "a region name like us-east-1"),
+              "sso_account_id": (ACCOUNT_ID, "a 12-digit account id"),
+              "sso_role_name": (ROLE_NAME, "a role name of 1-64 letters, digits and _+=,.@-"),
+              "sso_session": (re.compile(r"^[\w+=,.@-]{1,64}$"), "a name of 1-64 letters, digits and _+=,.@-")}
+    for key, (pattern, description) in checks.items():
+        if key in merged and not pattern.match(merged[key]):
+            raise ConfigError(f"{at(key)}: {merged[key][:80]!r} is not {description}")
+    problem = url_problem(merged["sso_start_url"])
+    if problem:
+        raise ConfigError(f"{at('sso_start_url')}: {problem}")
+    cache = merged.get("sso_cache", "imsa")
+    if cache not in CACHES:
+        raise ConfigError(f"{at('sso_cache')}: must be aws (share the token with the AWS CLI's cache) or imsa (only "
+                          f"the service holds it), not {cache[:80]!r}")
+    session_name = merged.get("sso_session")
+    scopes = tuple(scope.strip() for scope in merged.get("sso_registration_scopes", "").split(",") if scope.strip())
+    if not scopes and session_name:  # what aws sso login registers for an sso-session
+        scopes = ("sso:account:access",)
+    portal = Hop(portal_role_arn(merged["sso_account_id"], merged["sso_role_name"]), config.default_session_name(),
+                 DEFAULT_ROLE_DURATION)
+    source = Sso(merged["sso_start_url"], merged["sso_region"], session_name, scopes, at("sso_start_url"), portal,
+                 shared=cache == "aws")
+    hops = [portal]
+    if merged.get("role_arn"):
+        hops.append(Hop(merged["role_arn"], merged.get("role_session_name") or config.default_session_name(),
+                        merged.get("duration_seconds", DEFAULT_ROLE_DURATION), merged.get("external_id")))
+    return Profile(name=name, origin=origin, source=source, hops=tuple(hops), region=merged.get("region"))

@@ -172,7 +172,10 @@ def token_from(data, source, endpoint_url, must_last_until):
 
 
 def cached_token(source, now=None, environ=None):
-    """The token cached for *source* with more than REFRESH_WINDOW left, or None."""
+    """The token cached for *source* with more than REFRESH_WINDOW left, or None (always for a source that does
+    not share the AWS CLI's cache)."""
+    if not source.shared:
+        return None
     return token_from(read_json(token_path(source)), source, endpoint("sso", environ),
                       (now or utcnow()) + REFRESH_WINDOW)
 
@@ -230,11 +233,13 @@ def refresh(source, data, oidc, now):
 
 def obtain(source, settings, say=say_on_stderr, no_browser=None, force=False, environ=None, now=utcnow):
     """*source*'s access token: the shared cache's while it has more than REFRESH_WINDOW left, else refreshed,
-    else from a login (always, with *force*). A token imsa gets is written to the shared cache."""
+    else from a login (always, with *force*). A token imsa gets is written to the shared cache. A source that does
+    not share it signs in every time it is asked: only the service keeps its token, and its refresh token is kept
+    nowhere."""
     oidc_url, portal_url = endpoint("sso-oidc", environ), endpoint("sso", environ)
     path = token_path(source)
     oidc = None
-    if not force:
+    if not force and source.shared:
         with locked(path):
             data = read_json(path)
             token = token_from(data, source, portal_url, now() + REFRESH_WINDOW)
@@ -251,8 +256,9 @@ def obtain(source, settings, say=say_on_stderr, no_browser=None, force=False, en
                     return token_from(data, source, portal_url, now())
     oidc = oidc or sso.client("sso-oidc", source.region, oidc_url, settings)
     data = login(source, oidc, say, no_browser, environ, now)
-    with locked(path):
-        write_json(path, data)
+    if source.shared:
+        with locked(path):
+            write_json(path, data)
     token = token_from(data, source, portal_url, now())
     say(f"imsa: signed in to {source.start_url}; the SSO token is valid until {format_time(token.expiration)}")
     return token
