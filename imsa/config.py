@@ -479,6 +479,10 @@ def resolve(name, warn=None, environ=None):
     (with the closest name) when neither has it."""
     from imsa.sources import aws_config
 
+    if name.startswith("sso:"):  # a portal role named without a profile (imsa/sources/sso.py)
+        from imsa.sources import sso
+
+        return sso.named_role(name, warn, environ)
     path = config_path()
     imsa_config = None
     if os.path.exists(path):

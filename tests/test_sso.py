@@ -599,3 +599,39 @@ def test_imsa_sso_profile_errors_name_file_line_profile_and_key(isolated_env, st
     import re
 
     assert re.search(message, line), line
+
+
+# --- a portal role named without a profile ---
+
+
+def test_a_role_named_without_a_profile_uses_the_sign_in_it_names(sso, service, sts_env):
+    status, _, said = device_login(sso, "login", "dev")
+    assert status == 0, said
+    whoami = [sys.executable, "-c", "import boto3; print(boto3.client('sts', region_name='us-east-1', "
+              f"endpoint_url='{sts_env.endpoint}').get_caller_identity()['Arn'])"]
+    done = run_without_terminal("exec", "sso:corp:222222222222:Admin", "--", *whoami)
+    assert done.returncode == 0, done.stderr
+    assert role_of(done.stdout.strip()) == "assumed-role/role-c"
+    done = run_without_terminal("assume", "sso:dev:111111111111:ReadOnly")  # a profile's sign-in serves too
+    assert done.returncode == 0, done.stderr
+    assert role_of(caller(imds_fetch(service), sts_env)) == "assumed-role/role-b"
+    assert sso.count("create_token") == 1, "the sign-in of corp, held by the service, served both"
+    # corp and legacy are two start URLs: the short form must say which.
+    line = one_error_line(run_without_terminal("assume", "sso:111111111111:ReadOnly"), 3)
+    assert "2 IAM Identity Center start URLs, so name the sign-in" in line and "corp" in line
+    line = one_error_line(run_without_terminal("assume", "sso:nowhere:111111111111:ReadOnly"), 3)
+    assert "no sign-in 'nowhere'" in line
+    line = one_error_line(run_without_terminal("assume", "sso:corp:1111:ReadOnly"), 3)
+    assert "'1111' is not a 12-digit account id" in line
+
+
+def test_the_short_form_needs_one_start_url(isolated_env, sts_env, monkeypatch, service):
+    write_imsa_sso(isolated_env, sts_env)  # ~/.imsa only: one start URL
+    fake = start_fake(sts_env, monkeypatch)
+    try:
+        status, _, said = device_login(fake, "assume", "sso:222222222222:Admin")
+        assert status == 0, said
+        assert role_of(caller(imds_fetch(service), sts_env)) == "assumed-role/role-c"
+        assert service.client.status()["active"]["profile"] == "sso:222222222222:Admin"
+    finally:
+        fake.stop()

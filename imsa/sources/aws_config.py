@@ -63,7 +63,7 @@ class AwsFiles:
         self.config_path, self.credentials_path = config_path, credentials_path
         built = botocore.configloader.build_profile_map(config_sections)
         self._config = built["profiles"]
-        self._sso_sessions = built.get("sso_sessions", {})
+        self.sso_sessions = built.get("sso_sessions", {})
         self._credentials = credentials_sections
         self.profiles = {name: dict(values) for name, values in self._config.items()}
         for name, values in credentials_sections.items():
@@ -251,10 +251,10 @@ class AwsFiles:
         session_name = profile.get("sso_session")
         scopes = ()
         if session_name is not None:
-            if session_name not in self._sso_sessions:
+            if session_name not in self.sso_sessions:
                 raise ConfigError(f"{self.where(name, 'sso_session')}: there is no [sso-session {session_name}] "
                                   "section")
-            section = self._sso_sessions[session_name]
+            section = self.sso_sessions[session_name]
             where = f"{self.config_path}: [sso-session {session_name}]"
             for key in ("sso_start_url", "sso_region"):
                 if key in profile and profile[key] != section.get(key):

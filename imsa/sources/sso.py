@@ -13,8 +13,10 @@ The service's portal client, like its STS clients, reads no environment variable
 the CLI resolved travels with the token, and proxies and CA bundle with the session's STS settings.
 """
 
+import dataclasses
 import datetime
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -336,3 +338,74 @@ def imsa_profile(name, origin, chain, where):
         hops.append(Hop(merged["role_arn"], merged.get("role_session_name") or config.default_session_name(),
                         merged.get("duration_seconds", DEFAULT_ROLE_DURATION), merged.get("external_id")))
     return Profile(name=name, origin=origin, source=source, hops=tuple(hops), region=merged.get("region"))
+
+
+NAMED_PREFIX = "sso:"
+
+
+def named_role(text, warn=None, environ=None):
+    """The profile ``sso:[SIGNIN:]ACCOUNT:ROLE`` names without a file defining it: the portal role ROLE in ACCOUNT,
+    from the sign-in SIGNIN — an ``[sso-session]`` of ~/.aws/config or any IAM Identity Center profile of either
+    file — which may be left out when the files configure one start URL only."""
+    from imsa import config
+    from imsa.errors import ConfigError
+    from imsa.sources import Profile, aws_config
+
+    parts = text[len(NAMED_PREFIX):].split(":")
+    usage = f"{text!r}: name a role without a profile as sso:ACCOUNT:ROLE, or sso:SIGNIN:ACCOUNT:ROLE"
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ConfigError(usage)
+    account_id, role_name = parts[-2:]
+    if not ACCOUNT_ID.match(account_id):
+        raise ConfigError(f"{usage}: {account_id[:80]!r} is not a 12-digit account id")
+    if not ROLE_NAME.match(role_name):
+        raise ConfigError(f"{usage}: {role_name[:80]!r} is not a role name of 1-64 letters, digits and _+=,.@-")
+    signins = _signins(config, aws_config, warn, environ)
+    if len(parts) == 3:
+        if parts[0] not in signins:
+            known = ", ".join(sorted(signins)) or "none"
+            raise ConfigError(f"{text!r}: no sign-in {parts[0]!r} (an [sso-session] or IAM Identity Center profile; "
+                              f"known: {known})")
+        origin, source, region = signins[parts[0]]
+    else:
+        distinct = {(source.start_url, source.region) for _, source, _ in signins.values()}
+        if len(distinct) != 1:
+            known = ", ".join(sorted(signins)) or "none"
+            raise ConfigError(f"{usage}: the files configure {len(distinct) or 'no'} IAM Identity Center start URLs, "
+                              f"so name the sign-in (known: {known})")
+        origin, source, region = next(iter(signins.values()))
+    from imsa.sources import Hop
+
+    hop = Hop(portal_role_arn(account_id, role_name), config.default_session_name(), source.first_hop.duration_seconds
+              if source.first_hop else 3600)
+    return Profile(name=text, origin=origin, source=dataclasses.replace(source, first_hop=hop), hops=(hop,),
+                   region=region)
+
+
+def _signins(config, aws_config, warn, environ):
+    """{name: (file, Sso source, region)} of every sign-in the files configure: ~/.aws/config's [sso-session]
+    sections and IAM Identity Center profiles, and ~/.imsa's (whose names win, as profiles' do)."""
+    from imsa.errors import ConfigError
+
+    found = {}
+    files = aws_config.load(environ)
+    for session_name, section in files.sso_sessions.items():
+        start_url, region = section.get("sso_start_url"), section.get("sso_region")
+        if isinstance(start_url, str) and isinstance(region, str) and REGION.match(region):
+            scopes = tuple(scope.strip() for scope in (section.get("sso_registration_scopes") or
+                                                       "sso:account:access").split(",") if scope.strip())
+            found[session_name] = (files.config_path, Sso(start_url, region, session_name, scopes,
+                                                          f"{files.config_path}: [sso-session {session_name}]"), None)
+    rows = [(name, files.origin(name), lambda name=name: files.get(name, environ)) for name in files.names]
+    path = config.config_path()
+    if os.path.exists(path):
+        imsa_config = config.load(path, warn=warn)
+        rows += [(name, path, lambda name=name: imsa_config.get(name)) for name in imsa_config.names]
+    for name, origin, get in rows:
+        try:
+            profile = get()
+        except ConfigError:
+            continue
+        if profile.source.kind == KIND:
+            found[name] = (origin, profile.source, profile.region)
+    return found
