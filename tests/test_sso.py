@@ -275,6 +275,25 @@ def test_a_refusal_in_the_browser_is_error_line(sso, tmp_path, monkeypatch):
     assert "was refused in the browser: access_denied" in line
 
 
+def test_a_forged_redirect_without_the_logins_state_is_ignored(sso, tmp_path, monkeypatch):
+    # Another local process races the browser to imsa's listener with a code of its own: no state, then a wrong one.
+    script = textwrap.dedent("""
+        redirect = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))["redirect_uri"]
+        for forged in ("?code=forged", "?code=forged&state=guess"):
+            try:
+                urllib.request.urlopen(redirect + forged, timeout=30).read()
+            except urllib.error.HTTPError as answer:
+                assert answer.code == 400, answer.code
+            else:
+                raise SystemExit("a forged redirect was accepted")
+    """)
+    monkeypatch.setenv("BROWSER", browser(tmp_path, "import urllib.parse\n" + script))
+    done = run_without_terminal("login", "dev")
+    assert done.returncode == 0, done.stderr
+    assert sso.count("create_token", grantType="authorization_code") == 1
+    assert "forged" not in done.stderr
+
+
 def test_a_code_replayed_after_someone_spent_it_is_refused(sso, tmp_path, monkeypatch):
     # A "browser" that redeems the code first, with the registration it read from the cache (the same user's
     # files) but without the verifier, then hands it on: imsa's use of the code is a replay.

@@ -5,6 +5,10 @@ it, or by a login: imsa/sources/sso_login.py) and hands it to the service with t
 mints role credentials with the portal's ``GetRoleCredentials`` — the minter of session kind ``sso`` — and, for a
 ``~/.aws/config`` chain whose root is an SSO profile, assumes the chain's roles from them with STS.
 
+Profiles come from ``~/.aws/config`` (``sso_session`` or the legacy keys: imsa/sources/aws_config.py), from
+``~/.imsa`` (the same keys, with ``extends``: imsa_profile), or from a name alone, ``sso:[SIGNIN:]ACCOUNT:ROLE``
+(named_role).
+
 A portal role (an account and a permission set's role name) travels in a role spec as the first role of the chain,
 written ``arn:aws:iam::ACCOUNT:role/ROLE_NAME``: the service lists it under ROLE_NAME over IMDS, as an instance
 lists its role, and the role spec needs no field of its own. Every later role of the chain is an AssumeRole.
