@@ -203,6 +203,23 @@ def test_a_chain_from_an_sso_profile_assumes_its_role_from_the_portal_credential
     assert role_of(caller(imds_fetch(service), sts_env)) == "assumed-role/role-d"
     assert service.client.status()["active"]["via"] == ["arn:aws:iam::111111111111:role/Developer"]
     assert "sign-in behind" not in run_imsa("status").stderr, "8 hours left: no warning yet"
+    rows = {row["name"]: row for row in json.loads(run_imsa("list", "--json").stdout)}
+    assert rows["dev"]["kind"] == rows["chained"]["kind"] == "sso" and START_URL in rows["dev"]["source"]
+    assert rows["dev"]["role_arn"] == "arn:aws:iam::111111111111:role/Developer"
+    assert rows["chained"]["via"] == ["arn:aws:iam::111111111111:role/Developer"]
+    assert rows["dev"]["session"] is not None and rows["dev"]["session"] == rows["prod"]["session"]
+
+
+def test_the_console_signs_in_with_a_portal_role(sso, service, sts_env):
+    from test_console import FakeSignin, caller_arn, signin_env
+
+    status, _, said = device_login(sso, "login", "prod")
+    assert status == 0, said
+    with FakeSignin() as fake:
+        done = run_imsa("console", "prod", "--print", env=signin_env(fake))
+    assert done.returncode == 0, done.stderr
+    assert not fake.problems and len(fake.sessions) == 1
+    assert role_of(caller_arn(fake.sessions[0], sts_env)) == "assumed-role/role-c"
 
 
 def test_status_warns_within_the_last_hour_of_the_sign_in(isolated_env, sts_env, monkeypatch, service):
@@ -475,6 +492,38 @@ def test_a_revoked_token_stops_the_role_at_its_expiry_and_names_the_command(isol
         assert "imsa login dev" in text.stdout
     finally:
         fake.stop()
+
+
+def test_an_ended_token_stops_the_role_at_its_expiry_and_imsa_assume_brings_it_back(isolated_env, sts_env,
+                                                                                    monkeypatch, service):
+    write_sso_config(isolated_env, sts_env)
+    fake = start_fake(sts_env, monkeypatch, role_lifetime=20, token_lifetime=12)
+    try:
+        status, _, said = device_login(fake, "assume", "dev")
+        assert status == 0, said
+        service.wait_for_log("no valid session for profile 'dev'", timeout=40)
+        deadline = time.monotonic() + 40
+        while True:
+            _, _, body = http_get(service, "/latest/meta-data/iam/security-credentials/Developer")
+            answer = json.loads(body)
+            if answer["Code"] != "Success" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert answer["Code"] == "CredentialsExpired" and "run: imsa assume dev" in answer["Message"]
+        logins = fake.count("start_device_authorization")
+        done = run_without_terminal("assume", "dev")  # the refresh token in the shared cache: no person needed
+        assert done.returncode == 0, done.stderr
+        assert fake.count("start_device_authorization") == logins and fake.count("create_token",
+                                                                                 grantType="refresh_token") == 1
+        assert role_of(caller(imds_fetch(service), sts_env)) == "assumed-role/role-a"
+    finally:
+        fake.stop()
+
+
+def http_get(service, path):
+    from conftest import http
+
+    return http(service.host, service.port, "GET", path, headers={"X-aws-ec2-metadata-token": imds_token(service)})
 
 
 def imds_token(service):

@@ -245,7 +245,8 @@ class Store:
         """Make credentials for *spec* from its session and cache them; StsError when that cannot be done."""
         session = self.session(spec.fingerprint)
         if session is None:
-            raise StsError(f"no valid MFA session for profile {spec.profile!r}; run: imsa assume {spec.profile}")
+            raise StsError(f"no valid session for profile {spec.profile!r} (its MFA session or sign-in ended); run: "
+                           f"imsa assume {spec.profile}")
         if spec.role_arn:
             with self._lock:
                 settings = self._sts.get(spec.fingerprint)
