@@ -112,6 +112,16 @@ def build_parser():
     listing = command("list", "list every profile: its file, source, role, region and whether a session is held",
                       "imsa list --json", (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG), run="profiles.list_profiles")
     listing.add_argument("--json", action="store_true", dest="as_json", help="print JSON")
+    listing.add_argument("--sso", metavar="PROFILE", help="instead: the accounts and roles PROFILE's IAM Identity "
+                         "Center login may use").completer = _complete_profiles
+
+    login = command("login", "sign in to PROFILE's IAM Identity Center (AWS SSO): one login serves every role on it",
+                    "imsa login dev   (no browser here: imsa login dev --no-browser)",
+                    (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_INTERRUPTED),
+                    {EXIT_STS: "sign-in refused or expired"}, run="sso.login")
+    login.add_argument("name", metavar="PROFILE").completer = _complete_profiles
+    login.add_argument("--no-browser", action="store_true",
+                       help="sign in with a code on another device (the default where no browser can open)")
 
     assume = command("assume", "make PROFILE the role every SDK on the machine gets", "imsa assume admin",
                      run="roles.assume")

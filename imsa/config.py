@@ -25,6 +25,14 @@ STRING_KEYS = (
     "region",
     "external_id",
     "mfa_process",
+    # IAM Identity Center (imsa/sources/sso.py), named as ~/.aws/config names them.
+    "sso_start_url",
+    "sso_region",
+    "sso_account_id",
+    "sso_role_name",
+    "sso_registration_scopes",
+    "sso_session",
+    "sso_cache",
     "extends",
 )
 INT_KEYS = ("duration_seconds", "session_duration_seconds")
@@ -143,6 +151,11 @@ class Config:
             listed = ", ".join(repr(known) for known in self.names) or "none"
             suffix = f" (did you mean {hint[0]!r}?)" if hint else f" (profiles: {listed})"
             raise ConfigError(f"{self.path}: no profile {name!r}{suffix}")
+        if any("sso_start_url" in self._raw[ancestor] for ancestor in self._chain(name)):
+            from imsa.sources import sso
+
+            chain = [(ancestor, self._raw[ancestor]) for ancestor in reversed(self._chain(name))]
+            return sso.imsa_profile(name, self.path, chain, self._where)
         merged = {}
         owner = None  # the nearest profile of the chain that gave the keys, when it keeps them in the store
         for ancestor in reversed(self._chain(name)):
@@ -492,6 +505,10 @@ def resolve(name, warn=None, environ=None):
     (with the closest name) when neither has it."""
     from imsa.sources import aws_config
 
+    if name.startswith("sso:"):  # a portal role named without a profile (imsa/sources/sso.py)
+        from imsa.sources import sso
+
+        return sso.named_role(name, warn, environ)
     path = config_path()
     imsa_config = _load_if_present(path, warn)
     if imsa_config is not None and name in imsa_config.names:

@@ -47,6 +47,8 @@ _SCRUB = (
     # How STS is reached (imsa/sts_settings.py): a test sets what it means to use.
     "AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "AWS_STS_REGIONAL_ENDPOINTS", "AWS_USE_FIPS_ENDPOINT",
     "AWS_USE_DUALSTACK_ENDPOINT", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+    # How IAM Identity Center is reached, and whether its login opens a browser (imsa/sources/sso_login.py).
+    "AWS_ENDPOINT_URL_SSO", "AWS_ENDPOINT_URL_SSO_OIDC", "BROWSER", "DISPLAY", "WAYLAND_DISPLAY",
 )
 
 

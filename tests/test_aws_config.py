@@ -163,7 +163,24 @@ def test_a_source_with_keys_and_a_role_uses_its_keys(isolated_env):
     (f"[profile l1]\nrole_arn = {ROLE.format('a')}\nsource_profile = base\nrole_session_name = a b\n",
      r"key 'role_session_name'"),
     ("[profile l1]\nsso_session = corp\nsso_account_id = 123456789012\n",
-     r"\[profile l1\]: IAM Identity Center \(sso_\*\) is not a source imsa reads yet"),
+     r"\[profile l1\], key 'sso_session': there is no \[sso-session corp\] section"),
+    ("[sso-session corp]\nsso_region = us-east-1\n[profile l1]\nsso_session = corp\nsso_account_id = 123456789012\n"
+     "sso_role_name = Admin\n", r"\[sso-session corp\]: sso_start_url is missing"),
+    ("[sso-session corp]\nsso_start_url = https://corp.awsapps.com/start\nsso_region = us-east-1\n"
+     "[profile l1]\nsso_session = corp\nsso_account_id = 123456789012\n",
+     r"\[profile l1\], key 'sso_role_name': missing"),
+    ("[sso-session corp]\nsso_start_url = https://corp.awsapps.com/start\nsso_region = us-east-1\n"
+     "[profile l1]\nsso_session = corp\nsso_account_id = 12345\nsso_role_name = Admin\n",
+     r"\[profile l1\], key 'sso_account_id': '12345' is not a 12-digit account id"),
+    ("[sso-session corp]\nsso_start_url = https://corp.awsapps.com/start\nsso_region = us-east-1\n"
+     "[profile l1]\nsso_session = corp\nsso_region = eu-west-1\nsso_account_id = 123456789012\n"
+     "sso_role_name = Admin\n", r"\[profile l1\], key 'sso_region': differs from sso_region of \[sso-session corp\]"),
+    ("[profile l1]\nsso_start_url = ftp://corp\nsso_region = us-east-1\nsso_account_id = 123456789012\n"
+     "sso_role_name = Admin\n", r"\[profile l1\], key 'sso_start_url': must be an http:// or https:// URL"),
+    (f"[profile sso]\nsso_start_url = https://corp.awsapps.com/start\nsso_region = us-east-1\n"
+     f"sso_account_id = 123456789012\nsso_role_name = Admin\n"
+     f"[profile l1]\nrole_arn = {ROLE.format('a')}\nsource_profile = sso\nmfa_serial = {MFA_SERIAL}\n",
+     r"\[profile sso\]: mfa_serial on a chain from IAM Identity Center"),
     ("[profile l1]\nregion = us-east-1\n", r"\[profile l1\]: has no credentials"),
 ])
 def test_config_errors_name_file_section_and_key(keys_home, config, message):

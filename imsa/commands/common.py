@@ -101,6 +101,13 @@ def ensure_session(profile, client, mfa, io, sts_factory=None):
     return True
 
 
+def mint(profile, session, spec, sts_factory):
+    """Role credentials made from *session* here, by the minter of *profile*'s session kind (when no service runs)."""
+    from imsa import sources
+
+    return sources.minter(profile.source.kind)(session, spec, sts_factory)
+
+
 def record_region(client, region):
     """Tell the shell hook (imsa shell-init) the served profile's region; a file that cannot be written is logged."""
     try:
@@ -175,11 +182,16 @@ def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None,
         from imsa import sts_settings
 
         settings = sts_settings.resolve()  # a configuration error is said before anything else
-        io.say("imsa: the service is not running, so nothing is cached: MFA is asked every time (start it: imsa start)")
+        if profile.source.kind == "credentials":
+            io.say("imsa: the service is not running, so nothing is cached: MFA is asked every time (start it: imsa "
+                   "start)")
+        else:
+            io.say("imsa: the service is not running: the role's credentials are made here, for this command only "
+                   "(start it: imsa start)")
         session = profile.source.new_session(mfa, settings, factory)
         if not profile.role_arn:
             return profile, session
-        return profile, sts.assume_chain(session, dict(profile.role_spec(), sts=settings), factory)
+        return profile, mint(profile, session, dict(profile.role_spec(), sts=settings), factory)
     return profile, Credentials.from_json(client.credentials(profile.role_spec()))
 
 

@@ -275,6 +275,8 @@ def credential_process(name, io=None, client=None, prompt=None, sts_factory=None
             raise ServiceNotRunning(f"{error}, then run `imsa assume {name}` in a terminal") from None
         io.say("imsa: the service is not running, so nothing is cached: asking STS directly (start it: imsa start)")
         session = profile.source.new_session(mfa, None, factory)
-        creds = sts.assume_chain(session, profile.role_spec(), factory) if profile.role_arn else session
+        from imsa.commands.common import mint
+
+        creds = mint(profile, session, profile.role_spec(), factory) if profile.role_arn else session
     io.data(json.dumps(process_json(profile, creds)) + "\n")
     return EXIT_OK

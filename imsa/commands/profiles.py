@@ -35,9 +35,14 @@ def rows(sessions, warn=None, environ=None):
     return found
 
 
-def list_profiles(as_json=False, io=None, client=None, environ=None):
-    """Print every usable profile: its file, source, role, region and held session (``--json``: a list)."""
+def list_profiles(as_json=False, io=None, client=None, environ=None, sso=None):
+    """Print every usable profile: its file, source, role, region and held session (``--json``: a list); with
+    *sso* (a profile), the accounts and roles its IAM Identity Center login may use instead."""
     io = io or Io()
+    if sso is not None:
+        from imsa.commands.sso import list_roles
+
+        return list_roles(sso, as_json, io)
     sessions = held_sessions(client or Client())
     listed = rows(sessions, warn=io.say, environ=environ)
     if as_json:

@@ -4,6 +4,7 @@
 returns once it reports ready; stop and status ask it over the control socket.
 """
 
+import datetime
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from imsa.client import Client
 from imsa.commands.common import (
     ENDPOINT_VARIABLE, Io, describe_left, endpoint_warnings, record_region, shadowing_warnings, shown_path,
 )
-from imsa.credentials import parse_time
+from imsa.credentials import parse_time, utcnow
 from imsa.errors import EXIT_ERROR, EXIT_OK, ServiceError, ServiceNotRunning
 
 # The service's own words when its control socket is taken by a live service (process.bind_control_socket).
@@ -21,6 +22,9 @@ ALREADY_RUNNING = "imsa is already running"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 POLL = 0.05
+# imsa status warns when the IAM Identity Center sign-in the active role comes from ends within this: a new login
+# needs a person, so it is said while there is time for one.
+SSO_WARN_BEFORE = datetime.timedelta(hours=1)
 
 
 def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None, debug=False, report_ready=False,
@@ -225,4 +229,10 @@ def status(as_json=False, io=None, client=None):
             io.say(f"imsa: warning: {warning}")
         if active and not valid:
             io.say(f"imsa: the credentials of {active['profile']} have expired; run: imsa assume {active['profile']}")
+        elif active and active.get("session_kind") == "sso" and active.get("session_expiration"):
+            session_end = parse_time(active["session_expiration"])
+            if session_end - utcnow() < SSO_WARN_BEFORE:
+                io.say(f"imsa: warning: the IAM Identity Center sign-in behind {active['profile']} ends at "
+                       f"{active['session_expiration']} ({describe_left(session_end)}); its roles stop then: sign in "
+                       f"again now with imsa login {active['profile']}")
     return EXIT_OK if valid else EXIT_ERROR

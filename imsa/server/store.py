@@ -311,7 +311,8 @@ class Store:
         """Make credentials for *spec* from its session and cache them; StsError when that cannot be done."""
         session = self.session(spec.fingerprint)
         if session is None:
-            raise StsError(f"no valid MFA session for profile {spec.profile!r}; run: imsa assume {spec.profile}")
+            raise StsError(f"no valid session for profile {spec.profile!r} (its MFA session or sign-in ended); run: "
+                           f"imsa assume {spec.profile}")
         if spec.role_arn:
             with self._lock:
                 settings = self._sts.get(spec.fingerprint)
@@ -404,6 +405,7 @@ class Store:
                 "expiration": format_time(creds.expiration),
                 "valid": not creds.expired(now),
                 "session_expiration": format_time(session.expiration) if session else None,
+                "session_kind": session.kind if session else None,
                 "last_error": error,
                 # How this role's AssumeRole reaches STS: its session's settings, in the profile's own region.
                 "sts": _describe(settings[spec.fingerprint].for_region(spec.region))

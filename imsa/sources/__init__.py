@@ -33,6 +33,7 @@ KINDS = {
     "credentials": ("imsa.credentials:Credentials", "imsa.sts:assume_chain"),
     "roles_anywhere": ("imsa.sources.roles_anywhere:Anchor", "imsa.sources.roles_anywhere:mint"),
     "credential_process": ("imsa.sources.system_process:Command", "imsa.sources.system_process:mint"),
+    "sso": ("imsa.sources.sso:SsoToken", "imsa.sources.sso:mint"),
 }
 
 
@@ -57,10 +58,16 @@ def minter(kind):
 
 
 def load_kinds():
-    """Import every kind's material class and minter now (the service does, before it drops root)."""
+    """Import every kind's material class and minter now (the service does, before it drops root), and run the
+    ``load_models`` of a minter's module that has one (it loads what its calls need, e.g. a botocore service model)."""
+    import importlib
+
     for kind in KINDS:
         material_class(kind)
         minter(kind)
+        load_models = getattr(importlib.import_module(KINDS[kind][1].partition(":")[0]), "load_models", None)
+        if load_models is not None:
+            load_models()
 
 
 def fingerprint(*parts):

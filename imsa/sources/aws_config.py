@@ -61,7 +61,9 @@ class AwsFiles:
         import botocore.configloader
 
         self.config_path, self.credentials_path = config_path, credentials_path
-        self._config = botocore.configloader.build_profile_map(config_sections)["profiles"]
+        built = botocore.configloader.build_profile_map(config_sections)
+        self._config = built["profiles"]
+        self.sso_sessions = built.get("sso_sessions", {})
         self._credentials = credentials_sections
         self.profiles = {name: dict(values) for name, values in self._config.items()}
         for name, values in credentials_sections.items():
@@ -104,7 +106,7 @@ class AwsFiles:
         region = self._value(name, "region", "region")
         device = {"mfa_serial_number": serial, "mfa_process": mfa_process, "region": region}
         source = self._root_source(root, device, environ)
-        if getattr(source, "first_hop", None) is not None:  # Roles Anywhere: CreateSession is the chain's first role
+        if getattr(source, "first_hop", None) is not None:  # a source whose own call makes the chain's first role
             hops.insert(0, source.first_hop)
         return Profile(name=name, origin=self.origin(name), source=source, hops=tuple(hops),
                        region=region, notes=tuple(notes))
@@ -222,7 +224,7 @@ class AwsFiles:
             if key in profile:
                 raise ConfigError(f"{self.where(name, key)}: {what} is not a source imsa reads yet")
         if any(key in profile for key in SSO_KEYS):
-            raise ConfigError(f"{self.where(name)}: IAM Identity Center (sso_*) is not a source imsa reads yet")
+            return self._sso(name, device["mfa_serial_number"])
         in_file = self._credentials.get(name, {})
         if self._has_static(in_file):  # botocore: the credentials file before credential_process
             return self._keys(name, in_file, device, in_credentials=True)
@@ -240,6 +242,60 @@ class AwsFiles:
             return self._keys(name, self._config[name], device, in_credentials=False)
         raise ConfigError(f"{self.where(name)}: has no credentials (keys, role_arn with a source, or "
                           "credential_process)")
+
+    def _sso(self, name, serial):
+        """The Sso source of profile *name*, an IAM Identity Center profile — with ``sso_session`` (its [sso-session]
+        section names the start URL and region) or in the legacy form (the profile names them itself), botocore's
+        rules — its ``first_hop`` the portal role."""
+        from imsa import config
+        from imsa.sources import sso
+        from imsa.sts_settings import url_problem
+
+        profile = self.profiles[name]
+        if serial is not None:
+            raise ConfigError(f"{self.where(name)}: mfa_serial on a chain from IAM Identity Center: the sign-in is "
+                              "the second factor, and imsa makes no MFA session from SSO credentials; remove mfa_serial")
+        session_name = profile.get("sso_session")
+        scopes = ()
+        if session_name is not None:
+            if session_name not in self.sso_sessions:
+                raise ConfigError(f"{self.where(name, 'sso_session')}: there is no [sso-session {session_name}] "
+                                  "section")
+            section = self.sso_sessions[session_name]
+            where = f"{self.config_path}: [sso-session {session_name}]"
+            for key in ("sso_start_url", "sso_region"):
+                if key in profile and profile[key] != section.get(key):
+                    raise ConfigError(f"{self.where(name, key)}: differs from {key} of [sso-session {session_name}] "
+                                      "(botocore refuses it); remove it from the profile")
+            # What aws sso login registers for an sso-session without sso_registration_scopes.
+            scopes = tuple(scope.strip() for scope in (section.get("sso_registration_scopes") or
+                                                       "sso:account:access").split(",") if scope.strip())
+        else:
+            section, where = profile, self.where(name)
+        values = {}
+        for key in ("sso_start_url", "sso_region"):
+            value = section.get(key)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{where}: {key} is missing (IAM Identity Center needs sso_start_url and "
+                                  "sso_region)")
+            values[key] = value
+        problem = url_problem(values["sso_start_url"])
+        if problem:
+            raise ConfigError(f"{where}, key 'sso_start_url': {problem}")
+        if not sso.REGION.match(values["sso_region"]):
+            raise ConfigError(f"{where}, key 'sso_region': {values['sso_region'][:80]!r} is not a region name")
+        checks = {"sso_account_id": (sso.ACCOUNT_ID, "a 12-digit account id"),
+                  "sso_role_name": (sso.ROLE_NAME, "a role name of 1-64 letters, digits and _+=,.@-")}
+        for key, (pattern, description) in checks.items():
+            value = profile.get(key)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{self.where(name, key)}: missing (an IAM Identity Center profile names "
+                                  "sso_account_id and sso_role_name)")
+            if not pattern.match(value):
+                raise ConfigError(f"{self.where(name, key)}: {value[:80]!r} is not {description}")
+        hop = Hop(sso.portal_role_arn(profile["sso_account_id"], profile["sso_role_name"]),
+                  config.default_session_name(), CHAINED_MAX)
+        return sso.Sso(values["sso_start_url"], values["sso_region"], session_name, scopes, where, hop)
 
     def _keys(self, name, values, device, in_credentials):
         """Keys from one file's section *values*; the errors name that file."""
