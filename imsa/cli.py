@@ -21,6 +21,8 @@ from imsa.shell import SHELLS
 
 
 MFA_HELP = "the 6-digit MFA code, or - to read it from stdin (else mfa_process or a prompt)"
+AUTO_HELP = "PROFILE auto: the profile a trusted .imsa.json here selects (README, \"Per-directory profiles\")"
+TRUST_HELP = "trust the .imsa.json that PROFILE auto uses without a prompt, if its digest is DIGEST"
 # What each exit code means, for the --help of every command (README, "Exit codes").
 EXIT_MEANINGS = {
     EXIT_OK: "ok", EXIT_ERROR: "other error", EXIT_USAGE: "usage", EXIT_CONFIG: "configuration (~/.imsa, ~/.aws/config)",
@@ -115,11 +117,12 @@ def build_parser():
         usage="imsa export PROFILE [--format sh|fish|json] [--mfa-token CODE]\n       imsa export --unset [--format sh|fish]",
         run="roles.export",
     )
-    export.add_argument("name", metavar="PROFILE", nargs="?").completer = _complete_profiles
+    export.add_argument("name", metavar="PROFILE", nargs="?", help=AUTO_HELP).completer = _complete_profiles
     export.add_argument("--format", choices=("sh", "fish", "json"), default="sh", dest="fmt",
                         help="output format (default sh)")
     export.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
     export.add_argument("--unset", action="store_true", help="print the lines that unset what imsa export sets")
+    export.add_argument("--confirm-trust", metavar="DIGEST", help=TRUST_HELP)
 
     run_as = command(
         "exec", "run a command with PROFILE's role (refreshed through a container-credentials endpoint); "
@@ -129,7 +132,7 @@ def build_parser():
         usage="imsa exec PROFILE [--mode ecs|static] [--mfa-token CODE] [-- COMMAND [ARGS...]]",
         run="exec.exec_command", prepare=_prepare_exec,
     )
-    run_as.add_argument("name", metavar="PROFILE").completer = _complete_profiles
+    run_as.add_argument("name", metavar="PROFILE", help=AUTO_HELP).completer = _complete_profiles
     _add_exec_options(run_as)
     run_as.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
                         help="the command to run (default: $SHELL)")
@@ -138,7 +141,8 @@ def build_parser():
         "credential-process", "print PROFILE's credentials for credential_process in ~/.aws/config",
         "credential_process = imsa credential-process admin   (in ~/.aws/config)", run="exec.credential_process",
     )
-    process.add_argument("name", metavar="PROFILE").completer = _complete_profiles
+    process.add_argument("name", metavar="PROFILE", help=AUTO_HELP).completer = _complete_profiles
+    process.add_argument("--confirm-trust", metavar="DIGEST", help=TRUST_HELP)
 
     console = command("console", "open the AWS console signed in with PROFILE's role", "imsa console admin --print",
                       run="console.console")
@@ -175,9 +179,10 @@ def build_parser():
 
 
 def _add_exec_options(parser):
-    parser.add_argument("--mode", choices=("ecs", "static"), default="ecs",
+    parser.add_argument("--mode", choices=("ecs", "static"),
                         help="ecs: refreshed through the service's endpoint (default); static: plain AWS_* variables")
     parser.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
+    parser.add_argument("--confirm-trust", metavar="DIGEST", help=TRUST_HELP)
 
 
 def _prepare_exec(args):

@@ -1,5 +1,5 @@
-"""What several commands share: where they write (Io), the profile, the service's MFA session, the shell's region
-and endpoint, and the text of exports.
+"""What several commands share: where they write (Io), the profile (or the per-directory one), the service's MFA
+session, the shell's region and endpoint, and the text of exports.
 
 Commands are plain functions: no argparse, no sys.exit, no Flask. They return an exit code. ``out`` carries data
 (exports, JSON) and ``err`` everything meant for people.
@@ -15,7 +15,7 @@ import sys
 from imsa import config, shell
 from imsa.client import Client
 from imsa.credentials import Credentials, format_time, parse_time, utcnow
-from imsa.errors import ServiceNotRunning
+from imsa.errors import ConfigError, ServiceNotRunning, UsageError
 from imsa.shell import fish_quote
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,34 @@ def load_profile(name, io):
     for note in profile.notes:
         io.say(f"imsa: note: {note}")
     return profile
+
+
+def auto_profile(name, confirm_trust, io, command):
+    """(profile name, mode or None): *name* itself, or for ``auto`` what the trusted ``.imsa.json`` here selects.
+
+    *command* is how this command is run again with ``{options}`` where --confirm-trust goes, for the error said
+    when there is no terminal to ask on.
+    """
+    from imsa import autoprofile
+
+    # A profile of the user's own named auto keeps working as it did; it is theirs, not a project's.
+    if name != autoprofile.AUTO_NAME or autoprofile.AUTO_NAME in config.profile_names():
+        if confirm_trust:
+            raise UsageError(f"--confirm-trust confirms a {autoprofile.AUTO_FILE}: it goes with the profile "
+                             f"{autoprofile.AUTO_NAME}, not {name}")
+        return name, None
+
+    def check(auto):
+        """The selected profile must be one of the user's own; what it is, for the prompt."""
+        try:
+            profile = config.resolve(auto.profile, warn=io.say)
+        except ConfigError as error:
+            raise ConfigError(f"{auto.path}: {error}") from None
+        return f"{profile.role_arn or 'the session credentials'}, from {shown_path(profile.origin)}"
+
+    auto = autoprofile.resolve(command, confirm_trust, autoprofile.terminal_prompt(), check)
+    io.say(f"imsa: {auto.describe()}")
+    return auto.profile, auto.mode
 
 
 def mfa_codes(profile, mfa_token=None, prompt=None):

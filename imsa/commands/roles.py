@@ -3,7 +3,7 @@
 from imsa import shell
 from imsa.client import Client
 from imsa.commands.common import (
-    Io, describe_left, endpoint_warnings, ensure_session, export_lines, load_profile, mfa_codes, profile_credentials,
+    Io, auto_profile, describe_left, endpoint_warnings, ensure_session, export_lines, load_profile, mfa_codes, profile_credentials,
     record_region, region_advice,
 )
 from imsa.credentials import format_time, parse_time
@@ -28,7 +28,8 @@ def assume(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=
     return EXIT_OK
 
 
-def export(name, fmt="sh", mfa_token=None, io=None, client=None, prompt=None, sts_factory=None, unset=False):
+def export(name, fmt="sh", mfa_token=None, io=None, client=None, prompt=None, sts_factory=None, unset=False,
+           confirm_trust=None):
     """Print exports for profile *name* (the global role stays as it is); with *unset*, the lines that remove them."""
     io = io or Io()
     if unset:
@@ -40,6 +41,8 @@ def export(name, fmt="sh", mfa_token=None, io=None, client=None, prompt=None, st
         return EXIT_OK
     if not name:
         raise UsageError("name the PROFILE to export (or --unset to remove the exports): imsa export PROFILE")
+    again = "imsa export {options} auto" + ("" if fmt == "sh" else f" --format {fmt}")
+    name, _mode = auto_profile(name, confirm_trust, io, again)
     profile, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
     io.data(export_lines(profile, creds, fmt))
     return EXIT_OK
