@@ -17,6 +17,7 @@ from imsa.errors import (
     EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SERVICE, EXIT_STS, EXIT_USAGE, ImsaError, UsageError,
 )
 from imsa.server.logs import mute_wire_loggers
+from imsa.formats import FORMATS
 from imsa.shell import SHELLS
 
 
@@ -111,18 +112,28 @@ def build_parser():
     assume.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
 
     export = command(
-        "export", "print shell exports of PROFILE's credentials (--unset: the lines that remove them)",
+        "export", "print PROFILE's credentials for one shell or tool (--format), or write them as a profile of a "
+        "credentials file (--to-credentials-file); --unset and --erase: the way back",
         'eval "$(imsa export admin)"   (and back: eval "$(imsa export --unset)")',
         (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_INTERRUPTED),
-        usage="imsa export PROFILE [--format sh|fish|json] [--mfa-token CODE]\n       imsa export --unset [--format sh|fish]",
+        usage="imsa export PROFILE [--format FORMAT] [--mfa-token CODE] [--confirm-trust DIGEST]\n"
+              "       imsa export PROFILE --to-credentials-file [NAME] [--file PATH] [--format sh|fish|powershell]\n"
+              "       imsa export --erase NAME [--file PATH]\n"
+              "       imsa export --unset [--format sh|fish|powershell]",
         run="roles.export",
     )
     export.add_argument("name", metavar="PROFILE", nargs="?", help=AUTO_HELP).completer = _complete_profiles
-    export.add_argument("--format", choices=("sh", "fish", "json"), default="sh", dest="fmt",
-                        help="output format (default sh)")
+    export.add_argument("--format", choices=FORMATS, default="sh", dest="fmt", metavar="FORMAT",
+                        help=f"{', '.join(FORMATS)} (default sh; README, \"Delivery formats\")")
     export.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
     export.add_argument("--unset", action="store_true", help="print the lines that unset what imsa export sets")
     export.add_argument("--confirm-trust", metavar="DIGEST", help=TRUST_HELP)
+    export.add_argument("--to-credentials-file", nargs="?", const="", metavar="NAME",
+                        help="write the credentials as profile NAME (default: PROFILE) of ~/.aws/credentials")
+    export.add_argument("--file", metavar="PATH", dest="credentials_path",
+                        help="with --to-credentials-file or --erase: this credentials file instead (and print the "
+                             "AWS_SHARED_CREDENTIALS_FILE and AWS_PROFILE exports that use it)")
+    export.add_argument("--erase", metavar="NAME", help="remove the profile NAME imsa export wrote, and nothing else")
 
     run_as = command(
         "exec", "run a command with PROFILE's role (refreshed through a container-credentials endpoint); "

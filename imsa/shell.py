@@ -1,4 +1,4 @@
-"""Shell set-up: the region hook (``imsa shell-init``), completion code (``imsa completion``) and ``unset`` lines.
+"""Shell set-up: the region hook (``imsa shell-init``) and completion code (``imsa completion``).
 
 boto3, botocore and the AWS CLI v1 never read the region from IMDS: a shell without ``AWS_REGION`` /
 ``AWS_DEFAULT_REGION`` fails with "You must specify a region" even though imsa serves the profile's region. The hook
@@ -195,7 +195,7 @@ def shell_init(shell, uid=None):
     return head + "_imsa_places=(" + " ".join(shlex.quote(path) for path in places) + ")" + _POSIX_FUNCTION + register.lstrip("\n")
 
 
-# --- completion and unset lines ---
+# --- completion ---
 
 
 def completion(shell):
@@ -204,9 +204,3 @@ def completion(shell):
 
     return argcomplete.shellcode(["imsa"], shell=shell)
 
-
-def unset_lines(fmt):
-    """The lines that undo ``imsa export`` in *fmt* (sh or fish)."""
-    if fmt == "fish":
-        return "".join(f"set -e {name};\n" for name in EXPORTED_VARIABLES)
-    return "unset " + " ".join(EXPORTED_VARIABLES) + "\n"

@@ -1,22 +1,19 @@
 """What several commands share: where they write (Io), the profile (or the per-directory one), the service's MFA
-session, the shell's region and endpoint, and the text of exports.
+session, the shell's region and endpoint.
 
 Commands are plain functions: no argparse, no sys.exit, no Flask. They return an exit code. ``out`` carries data
 (exports, JSON) and ``err`` everything meant for people.
 """
 
 import datetime
-import json
 import logging
 import os
-import shlex
 import sys
 
 from imsa import config, shell
 from imsa.client import Client
 from imsa.credentials import Credentials, format_time, parse_time, utcnow
 from imsa.errors import ConfigError, ServiceNotRunning, UsageError
-from imsa.shell import fish_quote
 
 log = logging.getLogger(__name__)
 
@@ -205,25 +202,6 @@ def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None,
             return profile, session
         return profile, sts.assume_chain(session, dict(profile.role_spec(), sts=settings), factory)
     return profile, Credentials.from_json(client.credentials(profile.role_spec()))
-
-
-def export_lines(profile, creds, fmt):
-    """The text of ``imsa export`` in *fmt* (sh, fish or json)."""
-    if fmt == "json":
-        return json.dumps(creds.to_process(), indent=2) + "\n"
-    values = dict(creds.to_env())
-    values["IMSA_PROFILE"] = profile.name
-    values["IMSA_PROFILE_EXPIRATION"] = format_time(creds.expiration)
-    if profile.region:
-        values["AWS_REGION"] = profile.region
-        values["AWS_DEFAULT_REGION"] = profile.region
-    if fmt == "fish":
-        lines = [f"set -gx {key} {fish_quote(value)};" for key, value in values.items()]
-        lines.append("set -e AWS_PROFILE;")
-    else:
-        lines = [f"export {key}={shlex.quote(value)}" for key, value in values.items()]
-        lines.append("unset AWS_PROFILE")
-    return "\n".join(lines) + "\n"
 
 
 def shadowing_warnings(environ=None, home=None, listen=None):
