@@ -101,6 +101,8 @@ def build_parser():
                      (EXIT_OK, EXIT_ERROR, EXIT_SERVICE),
                      {EXIT_OK: "valid credentials served", EXIT_ERROR: "nothing valid served"}, run="service.status")
     status.add_argument("--json", action="store_true", dest="as_json", help="print JSON")
+    status.add_argument("--short", action="store_true",
+                        help="one line for a shell prompt: the profile and the time left before its session ends")
 
     listing = command("list", "list every profile: its file, source, role, region and whether a session is held",
                       "imsa list --json", (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG), run="profiles.list_profiles")
@@ -252,8 +254,28 @@ def one_line(message):
     return text[len("imsa: "):] if text.startswith("imsa: ") else text
 
 
+# Run at every prompt: answered without building the parser or importing a command module but its own.
+SHORT_STATUS = ["status", "--short"]
+
+
+def _short_status():
+    """``imsa status --short``: one line for a prompt, as fast as the control socket answers."""
+    try:
+        sudo.become_invoking_user()
+        from imsa.commands.prompt import short_status
+
+        return short_status(sys.stdout)
+    except ImsaError as error:
+        sys.stderr.write(f"imsa: error: {one_line(error)}\n")
+        return error.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
 def main(argv=None):
     """Entry point of the ``imsa`` command; returns the exit code."""
+    if (sys.argv[1:] if argv is None else list(argv)) == SHORT_STATUS and "_ARGCOMPLETE" not in os.environ:
+        return _short_status()
     parser = build_parser()
     # argcomplete acts only when the shell asks for completions (it sets _ARGCOMPLETE); importing it on every
     # other run cost about 10 ms of each `imsa status` and `imsa export` (scripts/bench.py).

@@ -6,14 +6,13 @@
   call, and the ``{region, credentials: {...}}`` object an AWS SDK for JavaScript v3 client takes;
 - ``dotenv``: ``NAME=value`` lines, as ``node --env-file`` and docker's ``--env-file`` read them.
 
-Light on purpose (standard library only): ``imsa export`` runs inside ``eval`` in people's shells.
+Light on purpose: cli.py imports it for the list of formats, so imsa.credentials is imported only to render.
 """
 
 import json
 import re
 import shlex
 
-from imsa.credentials import format_time
 from imsa.shell import EXPORTED_VARIABLES, fish_quote
 
 SHELL_FORMATS = ("sh", "fish", "powershell")
@@ -24,6 +23,8 @@ _DOTENV_PLAIN = re.compile(r"^[A-Za-z0-9_+/=.:@,-]*$")
 
 def variables(profile, creds):
     """The variables an export sets, in order: the AWS_* credentials, IMSA_PROFILE(_EXPIRATION) and the region."""
+    from imsa.credentials import format_time
+
     values = dict(creds.to_env())
     values["IMSA_PROFILE"] = profile.name
     values["IMSA_PROFILE_EXPIRATION"] = format_time(creds.expiration)
@@ -73,6 +74,8 @@ def boto_text(profile, creds):
 
 def js_text(profile, creds):
     """The configuration object of an AWS SDK for JavaScript v3 client, as JavaScript source."""
+    from imsa.credentials import format_time
+
     credentials = {
         "accessKeyId": creds.access_key_id,
         "secretAccessKey": creds.secret_access_key,

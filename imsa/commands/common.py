@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from imsa import config, shell
+from imsa import config, expiry, shell
 from imsa.client import Client
 from imsa.credentials import Credentials, format_time, parse_time, utcnow
 from imsa.errors import ConfigError, ServiceNotRunning, UsageError
@@ -45,6 +45,7 @@ class Io:
 def load_profile(name, io):
     """Profile *name* from ~/.imsa, else from the AWS config files; the permission warning and the profile's notes
     (a duration cut to the role-chaining hour) go to *io*."""
+    expiry.warn_before()  # a bad IMSA_WARN_BEFORE is said before anything is asked or made
     profile = config.resolve(name, warn=io.say)
     for note in profile.notes:
         io.say(f"imsa: note: {note}")
@@ -95,12 +96,16 @@ def shown_path(path, home=None):
 
 
 def describe_left(expiration, now=None):
-    """How long until *expiration*, for people: ``1h05m left``, ``12m left`` or ``expired``."""
-    seconds = int((expiration - (now or utcnow())).total_seconds())
-    if seconds <= 0:
-        return "expired"
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m left" if hours else f"{rest // 60}m left"
+    """How long until *expiration*, for people: ``1h05m left``, ``12m left``, ``40s left`` or ``expired``."""
+    text = expiry.left(expiration, now or utcnow())
+    return text if text == "expired" else f"{text} left"
+
+
+def warn_if_ending(io, what, expiration, then, environ=None, now=None):
+    """Warn on stderr when *expiration* (of *what*) is within the IMSA_WARN_BEFORE window; *then* says what to do."""
+    now = now or utcnow()
+    if expiry.ending(expiration, now, expiry.warn_before(environ)):
+        io.say(f"imsa: warning: {what}: {expiry.left(expiration, now)} left, until {format_time(expiration)}; {then}")
 
 
 def ensure_session(profile, client, mfa, io, sts_factory=None):
@@ -114,9 +119,11 @@ def ensure_session(profile, client, mfa, io, sts_factory=None):
     # The STS settings this command uses go with the session: the service reaches STS the same way, whatever
     # environment sudo or systemd gave it.
     settings = sts_settings.resolve()
+    window = expiry.warn_before()  # a bad IMSA_WARN_BEFORE is said before an MFA code is asked for
     source = profile.source
     session = source.new_session(mfa, settings, sts_factory)
-    client.put_session(profile.fingerprint, session, settings, kind=source.kind, label=source.label)
+    client.put_session(profile.fingerprint, session, settings, kind=source.kind, label=source.label,
+                       warn_before=window)
     what = "MFA session" if getattr(source, "mfa_serial_number", None) else "session"
     io.say(f"imsa: new {what} from {source.label}, valid until {format_time(session.expiration)}")
     return True

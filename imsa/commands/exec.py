@@ -19,6 +19,7 @@ from imsa import sts
 from imsa.client import Client
 from imsa.commands.common import (
     Io, auto_profile, default_profile_has_keys, describe_left, ensure_session, load_profile, mfa_codes, profile_credentials,
+    warn_if_ending,
 )
 from imsa.credentials import Credentials, format_time
 from imsa.errors import EXIT_OK, ImsaError, MfaError, ServiceNotRunning, UsageError
@@ -148,6 +149,8 @@ def exec_command(name, argv, mode=None, mfa_token=None, io=None, client=None, pr
             f"imsa: static credentials for {name}, valid until {format_time(creds.expiration)} "
             f"({describe_left(creds.expiration)}) and not refreshed; use --mode ecs for longer commands"
         )
+        warn_if_ending(io, f"the credentials of {name}", creds.expiration,
+                       "they are not refreshed; use --mode ecs for a command that runs longer")
         values = dict(creds.to_env(), IMSA_PROFILE_EXPIRATION=format_time(creds.expiration))
         if shell_only:
             io.say(f"imsa: starting {argv[0]} with {name}'s role; exit it to come back")

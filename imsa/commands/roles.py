@@ -5,7 +5,7 @@ import os
 from imsa.client import Client
 from imsa.commands.common import (
     Io, auto_profile, describe_left, endpoint_warnings, ensure_session, load_profile, mfa_codes, profile_credentials,
-    record_region, region_advice, shown_path,
+    record_region, region_advice, shown_path, warn_if_ending,
 )
 from imsa.credentials import format_time, parse_time
 from imsa.errors import EXIT_OK, ConfigError, UsageError
@@ -23,6 +23,10 @@ def assume(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=
     what = profile.role_arn or "the session credentials"
     expiration = parse_time(result["expiration"])
     io.say(f"imsa: {profile.name} active: {what}, until {format_time(expiration)} ({describe_left(expiration)})")
+    held = client.session(profile.fingerprint)
+    if held:
+        warn_if_ending(io, f"the session from {profile.source.label}", parse_time(held["expiration"]),
+                       f"the service serves {profile.name} until then, and imsa assume {profile.name} makes a new one")
     for warning in endpoint_warnings(running) + [region_advice(profile)]:
         if warning:
             io.say(f"imsa: warning: {warning}")
@@ -76,6 +80,9 @@ def export(name, fmt="sh", mfa_token=None, io=None, client=None, prompt=None, st
                               f"use before a credentials file's keys; name another: imsa export {name} "
                               f"--to-credentials-file imsa-{name}")
     profile, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
+    again = f"run imsa export {name} again before then" if to_credentials_file is None else \
+        "they are not refreshed: write them again before then"
+    warn_if_ending(io, f"the credentials of {profile.name}", creds.expiration, again)
     if to_credentials_file is None:
         io.data(formats.render(fmt, profile, creds))
         return EXIT_OK

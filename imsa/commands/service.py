@@ -163,10 +163,14 @@ def stop(io=None, client=None):
     raise ServiceError(f"the service (pid {status['pid']}) did not stop within {STOP_TIMEOUT:.0f} s")
 
 
-def status(as_json=False, io=None, client=None):
+def status(as_json=False, short=False, io=None, client=None):
     """Show what the service serves; exit 0 only while valid credentials are served."""
     io = io or Io()
     client = client or Client()
+    if short:  # at every prompt: nothing but the one line (no warnings, no region file)
+        from imsa.commands.prompt import short_status
+
+        return short_status(io.out, client)
     data = client.status()
     active = data.get("active")
     record_region(client, active and active.get("region"))
@@ -200,6 +204,11 @@ def status(as_json=False, io=None, client=None):
                 lines.append(f"last error: {active['last_error']}")
         else:
             lines.append("profile:    none (run: imsa assume PROFILE)")
+        for held in data.get("sessions") or ():
+            end = parse_time(held["expiration"])
+            soon = ", ending soon" if held.get("ending") and held.get("valid") else ""
+            lines.append(f"held:       {held.get('source') or held['fingerprint'][:8]}, until {held['expiration']} "
+                         f"({describe_left(end)}{soon})")
         io.data("\n".join(lines) + "\n")
         for warning in warnings:
             io.say(f"imsa: warning: {warning}")
