@@ -181,6 +181,8 @@ def build_parser():
         run="shell.shell_init",
     )
     hook.add_argument("shell", choices=SHELLS, metavar="bash|zsh|fish")
+    hook.add_argument("--auto", action="store_true",
+                      help="also export the profile a trusted .imsa.json selects on each cd (imsa export auto)")
 
     completion = command(
         "completion", "print the shell code that completes imsa's commands and profile names",

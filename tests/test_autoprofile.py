@@ -16,6 +16,7 @@ from conftest import MFA_CODE, one_error_line, read_terminal, run_imsa, run_with
     write_config
 
 from imsa import autoprofile
+from ptyshell import shell_user  # noqa: F401 (a fixture)
 
 QUESTION = b"(yes/no)? "
 EXPORT = ("export", "auto", "--mfa-token", MFA_CODE)
@@ -287,3 +288,45 @@ def test_a_profile_of_the_users_own_named_auto_still_wins(project, isolated_env,
     assert done.returncode == 0, done.stderr
     assert exported(done.stdout)["IMSA_PROFILE"] == "auto"
     assert ".imsa.json" not in done.stderr
+
+
+# --- the shell hook: the profile follows cd ---
+
+SHOW_PROFILE = {"bash": 'echo "profile=[${IMSA_PROFILE-}]"', "zsh": 'echo "profile=[${IMSA_PROFILE-}]"',
+                "fish": 'echo "profile=[$IMSA_PROFILE]"'}
+
+
+@pytest.mark.parametrize("kind", ["bash", "zsh", "fish"])
+def test_the_shell_hook_exports_the_projects_profile_on_cd_and_removes_it_on_leaving(shell_user, kind):
+    from ptyshell import IMSA
+
+    shell_user.start_dev_service()
+    assert shell_user.imsa("assume", "r", "--mfa-token", MFA_CODE).returncode == 0  # the MFA session, held
+    project = os.path.join(shell_user.home, "proj")
+    os.makedirs(os.path.join(project, "sub"))
+    auto = os.path.join(project, ".imsa.json")
+    with open(auto, "w") as handle:
+        handle.write('{"profile": "a"}\n')
+    if shell_user.prefix:
+        for path in (project, os.path.join(project, "sub"), auto):
+            os.chown(path, shell_user.uid, shell_user.gid)
+    sh = shell_user.shell(kind)
+    try:
+        hook = f"{IMSA} shell-init fish --auto | source" if kind == "fish" else \
+            f'eval "$({IMSA} shell-init {kind} --auto)"'
+        assert sh.run(hook)[1] == 0
+        assert "profile=[]" in sh.run(SHOW_PROFILE[kind])[0]
+        assert sh.run(f"cd {project}/sub")[1] == 0
+        # At the next prompt the hook asks imsa, which asks on the terminal whether to trust the file.
+        question = sh._read_until(b"(yes/no)? ", 60)
+        assert f"first use of: {auto} selects profile 'a'" in question, question
+        os.write(sh.master, b"yes\n")
+        shown, _ = sh.run(SHOW_PROFILE[kind])
+        assert "profile=[a]" in shown, shown
+        shown, _ = sh.run(f"{IMSA} status --short; cd {project}; {SHOW_PROFILE[kind]}")
+        assert "profile=[a]" in shown and "(yes/no)" not in shown  # trusted now; same file, nothing asked
+        assert sh.run("cd /")[1] == 0
+        shown, _ = sh.run(SHOW_PROFILE[kind])
+        assert "profile=[]" in shown, shown
+    finally:
+        sh.close()
