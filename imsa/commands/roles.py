@@ -55,12 +55,7 @@ def export(name, fmt="sh", mfa_token=None, io=None, client=None, prompt=None, st
     if erase is not None:
         if to_credentials_file is not None:
             raise UsageError("--erase goes alone: imsa export --erase NAME [--file PATH]")
-        path = credentials_path or credfile.default_path(environ)
-        if credfile.erase(path, erase):
-            io.say(f"imsa: removed [{erase}] from {shown_path(path)}")
-        else:
-            io.say(f"imsa: {shown_path(path)} has no [{erase}]: nothing to remove")
-        return EXIT_OK
+        return _erase(erase, credentials_path or credfile.default_path(environ), io)
     if not name:
         raise UsageError("name the PROFILE to export (or --unset to remove the exports): imsa export PROFILE")
     if to_credentials_file is not None and fmt not in formats.SHELL_FORMATS:
@@ -69,16 +64,9 @@ def export(name, fmt="sh", mfa_token=None, io=None, client=None, prompt=None, st
     again = "imsa export {options} auto" + ("" if fmt == "sh" else f" --format {fmt}")
     name, _mode = auto_profile(name, confirm_trust, io, again)
     path = credentials_path or credfile.default_path(environ)
-    if to_credentials_file is not None:
-        target = to_credentials_file or name
-        credfile.check_writable(path, target)  # said before an MFA code is asked for
-        from imsa.sts_settings import config_file_path
-
-        shadowing = credfile.shadowing_keys(target, config_file_path(environ))
-        if shadowing:
-            raise ConfigError(f"profile {target} of {config_file_path(environ)} has {', '.join(shadowing)}, which SDKs "
-                              f"use before a credentials file's keys; name another: imsa export {name} "
-                              f"--to-credentials-file imsa-{name}")
+    target = None
+    if to_credentials_file is not None:  # checked before an MFA code is asked for
+        target = _credentials_target(name, to_credentials_file or name, path, environ)
     profile, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
     again = f"run imsa export {name} again before then" if to_credentials_file is None else \
         "they are not refreshed: write them again before then"
@@ -96,3 +84,28 @@ def export(name, fmt="sh", mfa_token=None, io=None, client=None, prompt=None, st
         io.data(formats.shell_lines({"AWS_SHARED_CREDENTIALS_FILE": os.path.abspath(path), "AWS_PROFILE": target}, fmt,
                                     unset=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")))
     return EXIT_OK
+
+
+def _erase(name, path, io):
+    """``imsa export --erase NAME``: remove imsa's [NAME] from the credentials file at *path*."""
+    from imsa import credfile
+
+    if credfile.erase(path, name):
+        io.say(f"imsa: removed [{name}] from {shown_path(path)}")
+    else:
+        io.say(f"imsa: {shown_path(path)} has no [{name}]: nothing to remove")
+    return EXIT_OK
+
+
+def _credentials_target(name, target, path, environ):
+    """*target*, once [target] can be imsa's in the credentials file at *path* and SDKs would use its keys."""
+    from imsa import credfile
+    from imsa.sts_settings import config_file_path
+
+    credfile.check_writable(path, target)
+    shadowing = credfile.shadowing_keys(target, config_file_path(environ))
+    if shadowing:
+        raise ConfigError(f"profile {target} of {config_file_path(environ)} has {', '.join(shadowing)}, which SDKs "
+                          f"use before a credentials file's keys; name another: imsa export {name} "
+                          f"--to-credentials-file imsa-{name}")
+    return target
