@@ -330,3 +330,19 @@ def test_the_shell_hook_exports_the_projects_profile_on_cd_and_removes_it_on_lea
         assert "profile=[]" in shown, shown
     finally:
         sh.close()
+
+
+def test_credential_process_auto_prints_the_selected_profiles_json(project, service, sts_env):
+    assert run_imsa("assume", "b", "--mfa-token", MFA_CODE).returncode == 0  # the MFA session, held
+    digest = confirm_digest(run_without_terminal("credential-process", "auto").stderr)
+    done = run_without_terminal("credential-process", "--confirm-trust", digest, "auto")
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    assert body["Version"] == 1
+    import boto3
+
+    sts = boto3.client("sts", region_name="us-east-1", endpoint_url=sts_env.endpoint,
+                       aws_access_key_id=body["AccessKeyId"], aws_secret_access_key=body["SecretAccessKey"],
+                       aws_session_token=body["SessionToken"])
+    assert sts.get_caller_identity()["Arn"].endswith(":assumed-role/role-a/tester-a")  # a's role, not b's
+    assert f"{project}/.imsa.json selects profile 'a'" in done.stderr

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import subprocess
+import threading
 
 import pytest
 
@@ -203,3 +204,19 @@ def test_status_short_through_the_parser_says_the_same(short_service, monkeypatc
     fast, parsed = run_imsa("status", "--short"), run_imsa("status", "--short", "-v")
     assert fast.stdout.split()[0] == parsed.stdout.split()[0] == "a"
     assert re.fullmatch(r"a \d+s\n", parsed.stdout) and parsed.returncode == fast.returncode == 0
+
+
+def test_the_desktop_notification_runs_the_notifier_with_the_message(tmp_path, monkeypatch):
+    """Where a session bus and the notifier are there, the warning is also shown on the desktop; else nothing runs."""
+    record = tmp_path / "notified"
+    notifier = tmp_path / "notify-send"
+    notifier.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {record}.part && mv {record}.part {record}\n")
+    notifier.chmod(0o755)
+    monkeypatch.setattr(expiry, "NOTIFIER", str(notifier))
+    assert not expiry.notify("imsa: session ending", "text", environ={})  # no session bus: not even tried
+    assert expiry.notify("imsa: session ending", "session 0000 ends in 5m", environ={"DBUS_SESSION_BUS_ADDRESS": "x"})
+    for _ in range(200):  # the notifier runs in a thread of its own: polled, at most 10 s
+        if record.exists():
+            break
+        threading.Event().wait(0.05)
+    assert record.read_text().splitlines() == ["--app-name=imsa", "imsa: session ending", "session 0000 ends in 5m"]
