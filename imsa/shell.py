@@ -137,7 +137,7 @@ _imsa_auto() {
             found=$dir/.imsa.json
             break
         fi
-        [[ $dir == "$HOME" || $dir == / ]] && break
+        [[ $dir == "${HOME-}" || $dir == / ]] && break
         dir=${dir%/*}
         dir=${dir:-/}
     done
