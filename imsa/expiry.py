@@ -10,8 +10,6 @@ Standard library only: the service imports it, and ``imsa status --short`` runs 
 
 import datetime
 import os
-import subprocess
-import threading
 
 from imsa.errors import ConfigError
 
@@ -40,6 +38,17 @@ def warn_before(environ=None):
     return datetime.timedelta(minutes=minutes)
 
 
+def parse(text):
+    """An aware UTC datetime from the service's ``YYYY-MM-DDTHH:MM:SSZ`` (credentials.parse_time without its
+    imports, for status --short)."""
+    return datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00")).astimezone(datetime.timezone.utc)
+
+
+def now():
+    """The current time, aware UTC."""
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
 def left(expiration, now):
     """Time left until *expiration* for people: ``1h05m``, ``12m``, ``40s``, or ``expired``."""
     seconds = int((expiration - now).total_seconds())
@@ -58,6 +67,9 @@ def ending(expiration, now, window):
 
 def notify(summary, body, environ=None):
     """Show a desktop notification when a session bus and NOTIFIER are there; never waits for it, never fails."""
+    import subprocess  # only here: status --short imports this module at every prompt
+    import threading
+
     environ = os.environ if environ is None else environ
     if not environ.get("DBUS_SESSION_BUS_ADDRESS") or not os.access(NOTIFIER, os.X_OK):
         return False

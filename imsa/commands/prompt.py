@@ -1,13 +1,12 @@
 """``imsa status --short``: one line for a shell prompt, the served profile and the time left before its session
 ends.
 
-It runs at every prompt, so it imports nothing but the control-socket client and cli.py reaches it without building
-the parser (scripts/bench.py measures it).
+It runs at every prompt, so it imports nothing but the control-socket client and imsa.expiry (not even
+imsa.credentials), and cli.py reaches it without building the parser (scripts/bench.py measures it).
 """
 
 from imsa import expiry
 from imsa.client import Client
-from imsa.credentials import parse_time, utcnow
 from imsa.errors import EXIT_ERROR, EXIT_OK
 
 # What the line says when nothing is served.
@@ -21,7 +20,7 @@ def short_line(status, now=None):
         return NOTHING
     if not active.get("valid") or not active.get("session_expiration"):
         return f"{active['profile']} expired"
-    return f"{active['profile']} {expiry.left(parse_time(active['session_expiration']), now or utcnow())}"
+    return f"{active['profile']} {expiry.left(expiry.parse(active['session_expiration']), now or expiry.now())}"
 
 
 def short_status(out, client=None):
