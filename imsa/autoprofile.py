@@ -238,8 +238,12 @@ def record_trust(auto, environ=None, now=None):
 
 
 def confirm_command(command, digest_value):
-    """The exact command line that confirms *digest_value*: *command* is a format string with ``{options}``."""
-    return command.format(options=f"--confirm-trust {digest_value}")
+    """The exact command line that confirms *digest_value*: *command* is a format string with ``{options}``.
+
+    Written ``--confirm-trust=DIGEST``: a base64url digest may start with ``-``, which argparse would take for an
+    option after a space.
+    """
+    return command.format(options=f"--confirm-trust={digest_value}")
 
 
 def ask(auto, why, prompt):

@@ -142,7 +142,8 @@ def build_parser():
         "without a command, $SHELL", "imsa exec admin -- terraform plan",
         (EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_SERVICE, 126, 127), {126: "cannot run", 127: "command not found"},
         lead="the command's own status once it runs; before that ",
-        usage="imsa exec PROFILE [--mode ecs|static] [--mfa-token CODE] [--confirm-trust DIGEST] [-- COMMAND [ARGS...]]",
+        usage="imsa exec PROFILE [--mode ecs|static] [--mfa-token CODE] [--confirm-trust DIGEST]\n"
+              "                 [-- COMMAND [ARGS...]]",
         run="exec.exec_command", prepare=_prepare_exec,
     )
     run_as.add_argument("name", metavar="PROFILE", help=AUTO_HELP).completer = _complete_profiles

@@ -67,7 +67,7 @@ def exported(stdout):
 
 def confirm_digest(stderr):
     """The digest in the command an untrusted file's error says to run."""
-    found = re.search(r"--confirm-trust ([A-Za-z0-9_-]+) auto", stderr)
+    found = re.search(r"--confirm-trust=([A-Za-z0-9_-]+) auto", stderr)
     assert found, stderr
     return found.group(1)
 
@@ -156,13 +156,13 @@ def test_without_a_terminal_the_error_says_the_command_with_the_digest(project, 
     digest = confirm_digest(line)
     real = str(project / ".imsa.json")
     assert digest == autoprofile.digest(real, (project / ".imsa.json").read_bytes())
-    assert "run: imsa export --confirm-trust " + digest + " auto" in line
+    assert "run: imsa export --confirm-trust=" + digest + " auto" in line
     assert trust_records(isolated_env)[1] == []
 
 
 def test_confirm_trust_with_the_right_digest_trusts_without_a_terminal(project, isolated_env):
     digest = confirm_digest(run_without_terminal(*EXPORT).stderr)
-    done = run_without_terminal("export", "--confirm-trust", digest, "auto", "--mfa-token", MFA_CODE)
+    done = run_without_terminal("export", f"--confirm-trust={digest}", "auto", "--mfa-token", MFA_CODE)
     assert done.returncode == 0, done.stderr
     assert exported(done.stdout)["IMSA_PROFILE"] == "a"
     assert len(trust_records(isolated_env)[1]) == 1
@@ -172,31 +172,38 @@ def test_confirm_trust_with_the_right_digest_trusts_without_a_terminal(project, 
 def test_confirm_trust_with_a_wrong_digest_is_refused_with_the_right_command(project, isolated_env):
     right = confirm_digest(run_without_terminal(*EXPORT).stderr)
     wrong = right[:-4] + ("AAAA" if not right.endswith("AAAA") else "BBBB")
-    line = one_error_line(run_without_terminal("export", "--confirm-trust", wrong, "auto", "--mfa-token", MFA_CODE), 3)
+    line = one_error_line(run_without_terminal("export", f"--confirm-trust={wrong}", "auto", "--mfa-token", MFA_CODE), 3)
     assert f"--confirm-trust {wrong} does not match" in line
-    assert f"run: imsa export --confirm-trust {right} auto" in line
+    assert f"run: imsa export --confirm-trust={right} auto" in line
     assert trust_records(isolated_env)[1] == []
+
+
+def test_regression_a_digest_starting_with_a_dash_was_taken_for_an_option(project):
+    """base64url digests start with '-' one time in 64: after a space argparse read it as an option (exit 2)."""
+    line = one_error_line(run_without_terminal("export", "--confirm-trust=-AAAA", "auto", "--mfa-token", MFA_CODE), 3)
+    assert "--confirm-trust -AAAA does not match" in line
+    assert re.search(r"run: imsa export --confirm-trust=\S+ auto$", line), line
 
 
 def test_a_digest_confirmed_for_the_old_content_does_not_trust_an_edit(project):
     old = confirm_digest(run_without_terminal(*EXPORT).stderr)
     write_auto(project, {"profile": "b"})
-    line = one_error_line(run_without_terminal("export", "--confirm-trust", old, "auto", "--mfa-token", MFA_CODE), 3)
+    line = one_error_line(run_without_terminal("export", f"--confirm-trust={old}", "auto", "--mfa-token", MFA_CODE), 3)
     assert "does not match" in line
 
 
 def test_exec_and_credential_process_say_their_own_confirm_command(project):
     line = one_error_line(run_without_terminal("exec", "auto", "--mode", "static", "--", "true"), 3)
-    assert re.search(r"run: imsa exec --confirm-trust \S+ --mode static auto -- true$", line), line
+    assert re.search(r"run: imsa exec --confirm-trust=\S+ --mode static auto -- true$", line), line
     line = one_error_line(run_without_terminal("credential-process", "auto"), 3)
-    assert re.search(r"run: imsa credential-process --confirm-trust \S+ auto$", line), line
+    assert re.search(r"run: imsa credential-process --confirm-trust=\S+ auto$", line), line
 
 
 def test_the_confirm_command_it_says_runs(project):
     """The exact command of the error, run as said, is what trusts the file."""
     line = one_error_line(run_without_terminal("exec", "auto", "--mode", "static", "--", "true"), 3)
     command = line.split("run: imsa ", 1)[1].split()
-    assert command[:2] == ["exec", "--confirm-trust"]
+    assert command[0] == "exec" and command[1].startswith("--confirm-trust=")
     # Trusted by that command; here it then needs an MFA code, which a terminal or --mfa-token gives.
     assert "an MFA code is needed" in run_without_terminal(*command).stderr
     done = run_without_terminal("exec", "auto", "--mode", "static", "--mfa-token", MFA_CODE, "--", "true")
@@ -247,7 +254,7 @@ def test_the_mode_of_the_file_is_the_default_of_exec(project, tmp_path):
     out = tmp_path / "env.txt"
     command = ("exec", "auto", "--mfa-token", MFA_CODE, "--", "sh", "-c", f"env > {out}")
     digest = confirm_digest(run_without_terminal(*command).stderr)
-    done = run_without_terminal("exec", "--confirm-trust", digest, *command[1:])
+    done = run_without_terminal("exec", f"--confirm-trust={digest}", *command[1:])
     assert done.returncode == 0, done.stderr
     env = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
     assert env["IMSA_PROFILE"] == "a"
@@ -335,7 +342,7 @@ def test_the_shell_hook_exports_the_projects_profile_on_cd_and_removes_it_on_lea
 def test_credential_process_auto_prints_the_selected_profiles_json(project, service, sts_env):
     assert run_imsa("assume", "b", "--mfa-token", MFA_CODE).returncode == 0  # the MFA session, held
     digest = confirm_digest(run_without_terminal("credential-process", "auto").stderr)
-    done = run_without_terminal("credential-process", "--confirm-trust", digest, "auto")
+    done = run_without_terminal("credential-process", f"--confirm-trust={digest}", "auto")
     assert done.returncode == 0, done.stderr
     body = json.loads(done.stdout)
     assert body["Version"] == 1

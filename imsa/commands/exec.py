@@ -18,8 +18,8 @@ import threading
 from imsa import sts
 from imsa.client import Client
 from imsa.commands.common import (
-    Io, auto_profile, default_profile_has_keys, describe_left, ensure_session, load_profile, mfa_codes, profile_credentials,
-    warn_if_ending,
+    Io, auto_profile, default_profile_has_keys, describe_left, ensure_session, load_profile, mfa_codes,
+    profile_credentials, warn_if_ending,
 )
 from imsa.credentials import Credentials, format_time
 from imsa.errors import EXIT_OK, ImsaError, MfaError, ServiceNotRunning, UsageError
