@@ -17,10 +17,13 @@ from imsa.errors import (
     EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SERVICE, EXIT_STS, EXIT_USAGE, ImsaError, UsageError,
 )
 from imsa.server.logs import mute_wire_loggers
+from imsa.formats import FORMATS
 from imsa.shell import SHELLS
 
 
 MFA_HELP = "the 6-digit MFA code, or - to read it from stdin (else mfa_process or a prompt)"
+AUTO_HELP = "PROFILE auto: the profile a trusted .imsa.json here selects (README, \"Per-directory profiles\")"
+TRUST_HELP = "trust the .imsa.json that PROFILE auto uses without a prompt, if its digest is DIGEST"
 # What each exit code means, for the --help of every command (README, "Exit codes").
 EXIT_MEANINGS = {
     EXIT_OK: "ok", EXIT_ERROR: "other error", EXIT_USAGE: "usage", EXIT_CONFIG: "configuration (~/.imsa, ~/.aws/config)",
@@ -108,6 +111,8 @@ def build_parser():
                      (EXIT_OK, EXIT_ERROR, EXIT_SERVICE),
                      {EXIT_OK: "valid credentials served", EXIT_ERROR: "nothing valid served"}, run="service.status")
     status.add_argument("--json", action="store_true", dest="as_json", help="print JSON")
+    status.add_argument("--short", action="store_true",
+                        help="one line for a shell prompt: the profile and the time left before its session ends")
 
     listing = command("list", "list every profile: its file, source, role, region and whether a session is held",
                       "imsa list --json", (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG), run="profiles.list_profiles")
@@ -130,27 +135,39 @@ def build_parser():
     assume.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
 
     export = command(
-        "export", "print shell exports of PROFILE's credentials (--unset: the lines that remove them)",
+        "export", "print PROFILE's credentials for one shell or tool (--format), or write them as a profile of a "
+        "credentials file (--to-credentials-file); --unset and --erase: the way back",
         'eval "$(imsa export admin)"   (and back: eval "$(imsa export --unset)")',
         (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_INTERRUPTED),
-        usage="imsa export PROFILE [--format sh|fish|json] [--mfa-token CODE]\n       imsa export --unset [--format sh|fish]",
+        usage="imsa export PROFILE [--format FORMAT] [--mfa-token CODE] [--confirm-trust DIGEST]\n"
+              "       imsa export PROFILE --to-credentials-file [NAME] [--file PATH] [--format sh|fish|powershell]\n"
+              "       imsa export --erase NAME [--file PATH]\n"
+              "       imsa export --unset [--format sh|fish|powershell]",
         run="roles.export",
     )
-    export.add_argument("name", metavar="PROFILE", nargs="?").completer = _complete_profiles
-    export.add_argument("--format", choices=("sh", "fish", "json"), default="sh", dest="fmt",
-                        help="output format (default sh)")
+    export.add_argument("name", metavar="PROFILE", nargs="?", help=AUTO_HELP).completer = _complete_profiles
+    export.add_argument("--format", choices=FORMATS, default="sh", dest="fmt", metavar="FORMAT",
+                        help=f"{', '.join(FORMATS)} (default sh; README, \"Delivery formats\")")
     export.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
     export.add_argument("--unset", action="store_true", help="print the lines that unset what imsa export sets")
+    export.add_argument("--confirm-trust", metavar="DIGEST", help=TRUST_HELP)
+    export.add_argument("--to-credentials-file", nargs="?", const="", metavar="NAME",
+                        help="write the credentials as profile NAME (default: PROFILE) of ~/.aws/credentials")
+    export.add_argument("--file", metavar="PATH", dest="credentials_path",
+                        help="with --to-credentials-file or --erase: this credentials file instead (and print the "
+                             "AWS_SHARED_CREDENTIALS_FILE and AWS_PROFILE exports that use it)")
+    export.add_argument("--erase", metavar="NAME", help="remove the profile NAME imsa export wrote, and nothing else")
 
     run_as = command(
         "exec", "run a command with PROFILE's role (refreshed through a container-credentials endpoint); "
         "without a command, $SHELL", "imsa exec admin -- terraform plan",
         (EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_SERVICE, 126, 127), {126: "cannot run", 127: "command not found"},
         lead="the command's own status once it runs; before that ",
-        usage="imsa exec PROFILE [--mode ecs|static] [--mfa-token CODE] [-- COMMAND [ARGS...]]",
+        usage="imsa exec PROFILE [--mode ecs|static] [--mfa-token CODE] [--confirm-trust DIGEST]\n"
+              "                 [-- COMMAND [ARGS...]]",
         run="exec.exec_command", prepare=_prepare_exec,
     )
-    run_as.add_argument("name", metavar="PROFILE").completer = _complete_profiles
+    run_as.add_argument("name", metavar="PROFILE", help=AUTO_HELP).completer = _complete_profiles
     _add_exec_options(run_as)
     run_as.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
                         help="the command to run (default: $SHELL)")
@@ -164,8 +181,9 @@ def build_parser():
               "[--session-duration S] [--region REGION]",
         run="roles_anywhere.credential_process",
     )
-    process.add_argument("name", metavar="PROFILE", nargs="?").completer = _complete_profiles
+    process.add_argument("name", metavar="PROFILE", nargs="?", help=AUTO_HELP).completer = _complete_profiles
     _add_signing_helper_options(process)
+    process.add_argument("--confirm-trust", metavar="DIGEST", help=TRUST_HELP)
 
     console = command("console", "open the AWS console signed in with PROFILE's role", "imsa console admin --print",
                       run="console.console")
@@ -251,6 +269,8 @@ def build_parser():
         run="shell.shell_init",
     )
     hook.add_argument("shell", choices=SHELLS, metavar="bash|zsh|fish")
+    hook.add_argument("--auto", action="store_true",
+                      help="also export the profile a trusted .imsa.json selects on each cd (imsa export auto)")
 
     completion = command(
         "completion", "print the shell code that completes imsa's commands and profile names",
@@ -275,9 +295,10 @@ def _add_signing_helper_options(parser):
 
 
 def _add_exec_options(parser):
-    parser.add_argument("--mode", choices=("ecs", "static"), default="ecs",
+    parser.add_argument("--mode", choices=("ecs", "static"),
                         help="ecs: refreshed through the service's endpoint (default); static: plain AWS_* variables")
     parser.add_argument("--mfa-token", metavar="CODE", help=MFA_HELP)
+    parser.add_argument("--confirm-trust", metavar="DIGEST", help=TRUST_HELP)
 
 
 def _prepare_exec(args):
@@ -336,8 +357,28 @@ def one_line(message):
     return text[len("imsa: "):] if text.startswith("imsa: ") else text
 
 
+# Run at every prompt: answered without building the parser or importing a command module but its own.
+SHORT_STATUS = ["status", "--short"]
+
+
+def _short_status():
+    """``imsa status --short``: one line for a prompt, as fast as the control socket answers."""
+    try:
+        sudo.become_invoking_user()
+        from imsa.commands.prompt import short_status
+
+        return short_status(sys.stdout)
+    except ImsaError as error:
+        sys.stderr.write(f"imsa: error: {one_line(error)}\n")
+        return error.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
 def main(argv=None):
     """Entry point of the ``imsa`` command; returns the exit code."""
+    if (sys.argv[1:] if argv is None else list(argv)) == SHORT_STATUS and "_ARGCOMPLETE" not in os.environ:
+        return _short_status()
     parser = build_parser()
     # argcomplete acts only when the shell asks for completions (it sets _ARGCOMPLETE); importing it on every
     # other run cost about 10 ms of each `imsa status` and `imsa export` (scripts/bench.py).

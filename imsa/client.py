@@ -134,14 +134,16 @@ class Client:
         """The session the service holds for *fingerprint* ({fingerprint, expiration}) or None."""
         return self._call("GET", f"/sessions/{fingerprint}", missing_ok=True)
 
-    def put_session(self, fingerprint, credentials, settings, kind="credentials", label=None):
+    def put_session(self, fingerprint, credentials, settings, kind="credentials", label=None, warn_before=None):
         """Hand a new session (temporary material only: for *kind* ``credentials``, temporary credentials) to the
-        service, with the StsSettings it was made with (the service's calls from it reach STS the same way) and
-        the *label* that names its source in status."""
+        service, with the StsSettings it was made with (the service's calls from it reach STS the same way), the
+        *label* that names its source in status, and how long before its end to warn (*warn_before*)."""
         body = {"fingerprint": fingerprint, "kind": kind, "material": credentials.to_json(),
                 "sts": settings.to_json()}
         if label:
             body["label"] = label
+        if warn_before is not None:
+            body["warn_before"] = int(warn_before.total_seconds())
         return self._call("POST", "/sessions", body)
 
     def forget_sessions(self, fingerprint=None):

@@ -1,4 +1,4 @@
-"""Shell set-up: the region hook (``imsa shell-init``), completion code (``imsa completion``) and ``unset`` lines.
+"""Shell set-up: the region hook (``imsa shell-init``) and completion code (``imsa completion``).
 
 boto3, botocore and the AWS CLI v1 never read the region from IMDS: a shell without ``AWS_REGION`` /
 ``AWS_DEFAULT_REGION`` fails with "You must specify a region" even though imsa serves the profile's region. The hook
@@ -91,6 +91,7 @@ def _places(uid=None):
 _POSIX_FUNCTION = r"""
 _imsa_region() {
     local last=$? sock file region=
+    [[ -z ${_imsa_auto_on-} ]] || _imsa_auto
     set -- "${_imsa_places[@]}"
     while [ $# -ge 2 ]; do
         sock=$1 file=$2
@@ -121,6 +122,78 @@ imsa() {
 }
 """
 
+# imsa shell-init --auto: on a change of directory, the profile a trusted .imsa.json here selects is exported into
+# the shell (imsa export auto: the trust prompt and any MFA prompt are on the terminal), and removed on leaving it,
+# unless someone else exported another profile meanwhile. The walk here only decides whether to ask imsa, which
+# applies its own rules (ceilings, filesystem boundaries, trust); a file imsa refuses changes nothing.
+_POSIX_AUTO = r"""
+_imsa_auto_on=1
+_imsa_auto() {
+    [[ $PWD == "${_imsa_auto_pwd-}" ]] && return 0
+    _imsa_auto_pwd=$PWD
+    local dir=$PWD found= text
+    while [[ -n $dir ]]; do
+        if [[ -e $dir/.imsa.json || -L $dir/.imsa.json ]]; then
+            found=$dir/.imsa.json
+            break
+        fi
+        [[ $dir == "${HOME-}" || $dir == / ]] && break
+        dir=${dir%/*}
+        dir=${dir:-/}
+    done
+    if [[ -n $found ]]; then
+        [[ $found == "${_imsa_auto_file-}" && ${IMSA_PROFILE-} == "${_imsa_auto_profile-}" ]] && return 0
+        if text=$(IMSA_SHELL_HOOK=1 command imsa export auto); then
+            eval "$text"
+            _imsa_auto_file=$found _imsa_auto_profile=${IMSA_PROFILE-}
+        fi
+    elif [[ -n ${_imsa_auto_file-} ]]; then
+        if [[ ${IMSA_PROFILE-} == "${_imsa_auto_profile-}" ]]; then
+            eval "$(command imsa export --unset)"
+        fi
+        unset _imsa_auto_file _imsa_auto_profile
+    fi
+}
+"""
+
+_FISH_AUTO = r"""
+set -g _imsa_auto_on 1
+function _imsa_auto
+    test "$PWD" = "$_imsa_auto_pwd"; and return 0
+    set -g _imsa_auto_pwd $PWD
+    set -l dir $PWD
+    set -l found
+    while test -n "$dir"
+        if test -e $dir/.imsa.json; or test -L $dir/.imsa.json
+            set found $dir/.imsa.json
+            break
+        end
+        if test "$dir" = "$HOME"; or test "$dir" = /
+            break
+        end
+        set dir (string replace -r '/[^/]*$' '' -- $dir)
+        test -n "$dir"; or set dir /
+    end
+    if test -n "$found"
+        if test "$found" = "$_imsa_auto_file"; and test "$IMSA_PROFILE" = "$_imsa_auto_profile"
+            return 0
+        end
+        set -l text (IMSA_SHELL_HOOK=1 command imsa export auto --format fish)
+        if test $status -eq 0
+            printf '%s\n' $text | source
+            set -g _imsa_auto_file $found
+            set -g _imsa_auto_profile $IMSA_PROFILE
+        end
+    else if set -q _imsa_auto_file
+        if test "$IMSA_PROFILE" = "$_imsa_auto_profile"
+            command imsa export --unset --format fish | source
+        end
+        set -e _imsa_auto_file
+        set -e _imsa_auto_profile
+    end
+end
+"""
+
 _BASH_REGISTER = r"""
 if [[ ";${PROMPT_COMMAND-};" != *";_imsa_region;"* ]]; then
     PROMPT_COMMAND="_imsa_region${PROMPT_COMMAND:+;$PROMPT_COMMAND}"
@@ -137,6 +210,7 @@ _imsa_region
 _FISH_FUNCTION = r"""
 function _imsa_region --on-event fish_prompt
     set -l region
+    set -q _imsa_auto_on; and _imsa_auto
     set -l places $_imsa_places
     while set -q places[2]
         set -l sock $places[1]
@@ -185,17 +259,22 @@ def fish_quote(value):
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def shell_init(shell, uid=None):
-    """The code that ``eval "$(imsa shell-init SHELL)"`` (fish: ``| source``) runs once in a new shell."""
+def shell_init(shell, uid=None, auto=False):
+    """The code that ``eval "$(imsa shell-init SHELL)"`` (fish: ``| source``) runs once in a new shell; with *auto*,
+    the per-directory profile (.imsa.json) follows the working directory too."""
     places = [path for pair in _places(uid) for path in pair]
     head = f"# imsa shell-init {shell}: AWS_REGION and AWS_DEFAULT_REGION follow the profile imsa serves\n"
+    if auto:
+        head += "# --auto: on cd, the profile a trusted .imsa.json selects (imsa export auto), and back on leaving\n"
     if shell == "fish":
-        return head + "set -g _imsa_places " + " ".join(fish_quote(path) for path in places) + "\n" + _FISH_FUNCTION.lstrip("\n")
+        return (head + "set -g _imsa_places " + " ".join(fish_quote(path) for path in places) + "\n"
+                + (_FISH_AUTO.lstrip("\n") if auto else "") + _FISH_FUNCTION.lstrip("\n"))
     register = _BASH_REGISTER if shell == "bash" else _ZSH_REGISTER
-    return head + "_imsa_places=(" + " ".join(shlex.quote(path) for path in places) + ")" + _POSIX_FUNCTION + register.lstrip("\n")
+    return (head + "_imsa_places=(" + " ".join(shlex.quote(path) for path in places) + ")"
+            + (_POSIX_AUTO if auto else "") + _POSIX_FUNCTION + register.lstrip("\n"))
 
 
-# --- completion and unset lines ---
+# --- completion ---
 
 
 def completion(shell):
@@ -204,9 +283,3 @@ def completion(shell):
 
     return argcomplete.shellcode(["imsa"], shell=shell)
 
-
-def unset_lines(fmt):
-    """The lines that undo ``imsa export`` in *fmt* (sh or fish)."""
-    if fmt == "fish":
-        return "".join(f"set -e {name};\n" for name in EXPORTED_VARIABLES)
-    return "unset " + " ".join(EXPORTED_VARIABLES) + "\n"

@@ -11,7 +11,7 @@ service's own waitress settings — the cost of our stack. Then it measures (REA
 1. the IMDSv2 credential sequence (PUT token, GET role list, GET credentials) at concurrency 1 and 8, with
    keep-alive and with a new connection per request, from load processes shared by all three servers;
 2. ``boto3.Session().get_credentials()`` through IMDS (and botocore's fetcher alone);
-3. the wall time of ``imsa status``, ``imsa export P``, the completion of ``imsa assume <TAB>``, next to
+3. the wall time of ``imsa status``, ``imsa status --short``, ``imsa export P``, the completion of ``imsa assume <TAB>``, next to
    ``python -c pass``;
 4. ``imsa assume P2`` with the MFA session cached (one AssumeRole against the local STS);
 5. the service's RSS after 10 000 sequences and its CPU time while idle.
@@ -542,6 +542,7 @@ def measure_cli(plan, rows, sts, log, work):
     commands = {
         "python": ([sys.executable, "-c", "pass"], None),
         "status": (imsa + ["status"], None),
+        "status_short": (imsa + ["status", "--short"], None),
         "export": (imsa + ["export", "c"], None),
         "complete": (imsa, complete_env),
         "shell_init": (imsa + ["shell-init", "bash"], None),
@@ -576,6 +577,7 @@ def measure_cli(plan, rows, sts, log, work):
     python = _median(times["python"]) * 1000
     for key, title, target in (
         ("status", "imsa status", 100.0),
+        ("status_short", "imsa status --short (at each prompt)", 50.0),
         ("export", "imsa export P (cached)", 150.0),
         ("complete", "completion of imsa assume <TAB>", 100.0),
         ("shell_init", "imsa shell-init bash (once per new shell)", 100.0),

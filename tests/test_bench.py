@@ -17,7 +17,7 @@ ROWS = [
     f"{kind}_c{concurrency}_{conn}"
     for concurrency in (1, 8) for conn in ("keepalive", "newconn") for kind in ("seq", "cpu", "p50", "p99")
 ] + [
-    "boto3_get_credentials", "botocore_fetcher", "cli_status", "cli_export", "cli_complete", "cli_shell_init",
+    "boto3_get_credentials", "botocore_fetcher", "cli_status", "cli_status_short", "cli_export", "cli_complete", "cli_shell_init",
     "cli_python", "cli_assume", "shell_hook", "rss", "idle_cpu",
 ]
 

@@ -12,8 +12,8 @@ import boto3
 import pytest
 
 from conftest import MFA_CODE, one_error_line, read_terminal, run_imsa, run_without_terminal, with_terminal, write_config
-from imsa import cli
-from imsa.commands import common, service as service_commands
+from imsa import cli, formats
+from imsa.commands import service as service_commands
 from imsa.config import Profile
 from imsa.credentials import Credentials
 
@@ -207,7 +207,7 @@ def test_export_sh_quotes_values_a_shell_would_expand(tmp_path):
     profile = Profile(name=nasty, region="us-east-1")
     expiration = datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc)
     creds = Credentials("ASIA0000000000000001", "se cr$et'\"", "tok/en+==", expiration)
-    text = common.export_lines(profile, creds, "sh")
+    text = formats.render("sh", profile, creds)
     values, _ = parse_sh(text)
     assert values["IMSA_PROFILE"] == nasty and values["AWS_SECRET_ACCESS_KEY"] == "se cr$et'\""
     evaluated = subprocess.run(

@@ -204,7 +204,7 @@ def test_export_unset_undoes_export_in_fish(isolated_env, sts_env):
 
 @pytest.mark.parametrize("args, words", [
     (("export", "--unset", "a"), "takes no PROFILE"),
-    (("export", "--unset", "--format", "json"), "--format sh or fish"),
+    (("export", "--unset", "--format", "json"), "--format sh, fish, powershell"),
     (("export",), "name the PROFILE"),
 ])
 def test_export_unset_usage_errors(isolated_env, args, words):

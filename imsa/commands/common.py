@@ -1,22 +1,19 @@
-"""What several commands share: where they write (Io), the profile, the service's MFA session, the shell's region
-and endpoint, and the text of exports.
+"""What several commands share: where they write (Io), the profile (or the per-directory one), the service's MFA
+session, the shell's region and endpoint.
 
 Commands are plain functions: no argparse, no sys.exit, no Flask. They return an exit code. ``out`` carries data
 (exports, JSON) and ``err`` everything meant for people.
 """
 
 import datetime
-import json
 import logging
 import os
-import shlex
 import sys
 
-from imsa import config, shell
+from imsa import config, expiry, shell
 from imsa.client import Client
 from imsa.credentials import Credentials, format_time, parse_time, utcnow
-from imsa.errors import ServiceNotRunning
-from imsa.shell import fish_quote
+from imsa.errors import ConfigError, ServiceNotRunning, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +45,39 @@ class Io:
 def load_profile(name, io):
     """Profile *name* from ~/.imsa, else from the AWS config files; the permission warning and the profile's notes
     (a duration cut to the role-chaining hour) go to *io*."""
+    expiry.warn_before()  # a bad IMSA_WARN_BEFORE is said before anything is asked or made
     profile = config.resolve(name, warn=io.say)
     for note in profile.notes:
         io.say(f"imsa: note: {note}")
     return profile
+
+
+def auto_profile(name, confirm_trust, io, command):
+    """(profile name, mode or None): *name* itself, or for ``auto`` what the trusted ``.imsa.json`` here selects.
+
+    *command* is how this command is run again with ``{options}`` where --confirm-trust goes, for the error said
+    when there is no terminal to ask on.
+    """
+    from imsa import autoprofile
+
+    # A profile of the user's own named auto keeps working as it did; it is theirs, not a project's.
+    if name != autoprofile.AUTO_NAME or autoprofile.AUTO_NAME in config.profile_names():
+        if confirm_trust:
+            raise UsageError(f"--confirm-trust confirms a {autoprofile.AUTO_FILE}: it goes with the profile "
+                             f"{autoprofile.AUTO_NAME}, not {name}")
+        return name, None
+
+    def check(auto):
+        """The selected profile must be one of the user's own; what it is, for the prompt."""
+        try:
+            profile = config.resolve(auto.profile, warn=io.say)
+        except ConfigError as error:
+            raise ConfigError(f"{auto.path}: {error}") from None
+        return f"{profile.role_arn or 'the session credentials'}, from {shown_path(profile.origin)}"
+
+    auto = autoprofile.resolve(command, confirm_trust, autoprofile.terminal_prompt(), check)
+    io.say(f"imsa: {auto.describe()}")
+    return auto.profile, auto.mode
 
 
 def mfa_codes(profile, mfa_token=None, prompt=None):
@@ -70,12 +96,16 @@ def shown_path(path, home=None):
 
 
 def describe_left(expiration, now=None):
-    """How long until *expiration*, for people: ``1h05m left``, ``12m left`` or ``expired``."""
-    seconds = int((expiration - (now or utcnow())).total_seconds())
-    if seconds <= 0:
-        return "expired"
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m left" if hours else f"{rest // 60}m left"
+    """How long until *expiration*, for people: ``1h05m left``, ``12m left``, ``40s left`` or ``expired``."""
+    text = expiry.left(expiration, now or utcnow())
+    return text if text == "expired" else f"{text} left"
+
+
+def warn_if_ending(io, what, expiration, then, environ=None, now=None):
+    """Warn on stderr when *expiration* (of *what*) is within the IMSA_WARN_BEFORE window; *then* says what to do."""
+    now = now or utcnow()
+    if expiry.ending(expiration, now, expiry.warn_before(environ)):
+        io.say(f"imsa: warning: {what}: {expiry.left(expiration, now)} left, until {format_time(expiration)}; {then}")
 
 
 def ensure_session(profile, client, mfa, io, sts_factory=None):
@@ -89,9 +119,11 @@ def ensure_session(profile, client, mfa, io, sts_factory=None):
     # The STS settings this command uses go with the session: the service reaches STS the same way, whatever
     # environment sudo or systemd gave it.
     settings = sts_settings.resolve()
+    window = expiry.warn_before()  # a bad IMSA_WARN_BEFORE is said before an MFA code is asked for
     source = profile.source
     session = source.new_session(mfa, settings, sts_factory)
-    client.put_session(profile.fingerprint, session, settings, kind=source.kind, label=source.label)
+    client.put_session(profile.fingerprint, session, settings, kind=source.kind, label=source.label,
+                       warn_before=window)
     what = "MFA session" if getattr(source, "mfa_serial_number", None) else "session"
     io.say(f"imsa: new {what} from {source.label}, valid until {format_time(session.expiration)}")
     if getattr(profile, "aws_secret_access_key", None) and getattr(io.err, "isatty", lambda: False)():
@@ -193,25 +225,6 @@ def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None,
             return profile, session
         return profile, mint(profile, session, dict(profile.role_spec(), sts=settings), factory)
     return profile, Credentials.from_json(client.credentials(profile.role_spec()))
-
-
-def export_lines(profile, creds, fmt):
-    """The text of ``imsa export`` in *fmt* (sh, fish or json)."""
-    if fmt == "json":
-        return json.dumps(creds.to_process(), indent=2) + "\n"
-    values = dict(creds.to_env())
-    values["IMSA_PROFILE"] = profile.name
-    values["IMSA_PROFILE_EXPIRATION"] = format_time(creds.expiration)
-    if profile.region:
-        values["AWS_REGION"] = profile.region
-        values["AWS_DEFAULT_REGION"] = profile.region
-    if fmt == "fish":
-        lines = [f"set -gx {key} {fish_quote(value)};" for key, value in values.items()]
-        lines.append("set -e AWS_PROFILE;")
-    else:
-        lines = [f"export {key}={shlex.quote(value)}" for key, value in values.items()]
-        lines.append("unset AWS_PROFILE")
-    return "\n".join(lines) + "\n"
 
 
 def shadowing_warnings(environ=None, home=None, listen=None):

@@ -10,6 +10,7 @@ Plain functions returning exit codes, like every command: no argparse, no sys.ex
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import threading
@@ -17,7 +18,8 @@ import threading
 from imsa import sts
 from imsa.client import Client
 from imsa.commands.common import (
-    Io, default_profile_has_keys, describe_left, ensure_session, load_profile, mfa_codes, profile_credentials,
+    Io, auto_profile, default_profile_has_keys, describe_left, ensure_session, load_profile, mfa_codes,
+    profile_credentials, warn_if_ending,
 )
 from imsa.credentials import Credentials, format_time
 from imsa.errors import EXIT_OK, ImsaError, MfaError, ServiceNotRunning, UsageError
@@ -117,13 +119,18 @@ def run_child(command, env, popen=subprocess.Popen, pass_fds=()):
     return code if code >= 0 else 128 - code
 
 
-def exec_command(name, argv, mode="ecs", mfa_token=None, io=None, client=None, prompt=None, sts_factory=None,
-                 environ=None, popen=subprocess.Popen):
-    """Run the command *argv* with profile *name*'s role; its exit status is ours."""
+def exec_command(name, argv, mode=None, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None,
+                 environ=None, popen=subprocess.Popen, confirm_trust=None):
+    """Run the command *argv* with profile *name*'s role (ecs *mode* unless it, or a ``.imsa.json``, says
+    otherwise); its exit status is ours."""
     io = io or Io()
     environ = os.environ if environ is None else environ
-    if mode not in MODES:
+    if mode is not None and mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    again = "imsa exec {options}" + (f" --mode {mode}" if mode else "") + " auto" + (
+        f" -- {shlex.join(argv)}" if argv else "")
+    name, auto_mode = auto_profile(name, confirm_trust, io, again)
+    mode = mode or auto_mode or MODES[0]
     profile = load_profile(name, io)
     shell_only = not argv  # as aws-vault does: a shell with the role, until it exits
     if shell_only:
@@ -142,6 +149,8 @@ def exec_command(name, argv, mode="ecs", mfa_token=None, io=None, client=None, p
             f"imsa: static credentials for {name}, valid until {format_time(creds.expiration)} "
             f"({describe_left(creds.expiration)}) and not refreshed; use --mode ecs for longer commands"
         )
+        warn_if_ending(io, f"the credentials of {name}", creds.expiration,
+                       "they are not refreshed; use --mode ecs for a command that runs longer")
         values = dict(creds.to_env(), IMSA_PROFILE_EXPIRATION=format_time(creds.expiration))
         if shell_only:
             io.say(f"imsa: starting {argv[0]} with {name}'s role; exit it to come back")
@@ -259,9 +268,10 @@ def process_json(profile, creds):
     return body
 
 
-def credential_process(name, io=None, client=None, prompt=None, sts_factory=None):
+def credential_process(name, io=None, client=None, prompt=None, sts_factory=None, confirm_trust=None):
     """Print profile *name*'s credentials as credential_process JSON, from the service's session."""
     io = io or Io()
+    name, _mode = auto_profile(name, confirm_trust, io, "imsa credential-process {options} auto")
     profile = load_profile(name, io)
     client = client or Client()
     mfa = mfa_codes(profile, None, prompt or TerminalOnlyPrompt(name))

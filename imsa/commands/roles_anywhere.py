@@ -27,7 +27,7 @@ def credential_process(name=None, io=None, **options):
             raise UsageError("give either PROFILE or the certificate options (--certificate …), not both")
         from imsa.commands.exec import credential_process as profile_process
 
-        return profile_process(name, io=io)
+        return profile_process(name, io=io, confirm_trust=options.get("confirm_trust"))
     if not given:
         raise UsageError("give a PROFILE, or --certificate, --private-key, --trust-anchor-arn, --profile-arn and "
                          "--role-arn (aws_signing_helper's options)")

@@ -183,10 +183,14 @@ def _secret_store():
     return secrets.store_name()
 
 
-def status(as_json=False, io=None, client=None):
+def status(as_json=False, short=False, io=None, client=None):
     """Show what the service serves; exit 0 only while valid credentials are served."""
     io = io or Io()
     client = client or Client()
+    if short:  # at every prompt: nothing but the one line (no warnings, no region file)
+        from imsa.commands.prompt import short_status
+
+        return short_status(io.out, client)
     data = client.status()
     active = data.get("active")
     record_region(client, active and active.get("region"))
@@ -224,6 +228,11 @@ def status(as_json=False, io=None, client=None):
         lines.append(f"keys:       {data['key_store']}")
         if data.get("saved_sessions"):
             lines.append(f"sessions:   saved in {data['saved_sessions']}")
+        for held in data.get("sessions") or ():
+            end = parse_time(held["expiration"])
+            soon = ", ending soon" if held.get("ending") and held.get("valid") else ""
+            lines.append(f"held:       {held.get('source') or held['fingerprint'][:8]}, until {held['expiration']} "
+                         f"({describe_left(end)}{soon})")
         io.data("\n".join(lines) + "\n")
         for warning in warnings:
             io.say(f"imsa: warning: {warning}")

@@ -10,9 +10,10 @@ from imsa import shell as shells
 from imsa.errors import EXIT_OK
 
 
-def shell_init(shell):
-    """Print the hook that keeps AWS_REGION in step with the profile imsa serves, for *shell* (bash, zsh, fish)."""
-    sys.stdout.write(shells.shell_init(shell, rundir.expected_service_uid()))
+def shell_init(shell, auto=False):
+    """Print the hook that keeps AWS_REGION in step with the profile imsa serves, for *shell* (bash, zsh, fish);
+    with *auto*, the per-directory profile follows the working directory too."""
+    sys.stdout.write(shells.shell_init(shell, rundir.expected_service_uid(), auto))
     return EXIT_OK
 
 

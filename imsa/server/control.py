@@ -4,12 +4,13 @@ The service puts the peer's uid (SO_PEERCRED) into the WSGI environ as ``imsa.pe
 pass. State changes are POST with a JSON body.
 """
 
+import datetime
 import json
 import logging
 
 from flask import Flask, jsonify, request
 
-from imsa import sources
+from imsa import expiry, sources
 from imsa.credentials import format_time
 from imsa.errors import StsError
 from imsa.server.logs import RefusalLimiter, shown
@@ -19,6 +20,8 @@ from imsa.sts_settings import StsSettings
 log = logging.getLogger(__name__)
 
 PEER_UID = "imsa.peer_uid"
+# The longest warning window a session may carry (POST /sessions "warn_before", seconds).
+MAX_WARN_SECONDS = int(expiry.MAX_WARN_BEFORE.total_seconds())
 
 
 class BadRequest(Exception):
@@ -118,7 +121,11 @@ def create_app(store, owner_uid, info, on_stop, bindings=None, service_bindings=
             label = data.get("label")
             if label is not None and (not isinstance(label, str) or not 0 < len(label) <= 256 or not label.isprintable()):
                 raise ValueError("'label' must be printable text of 1-256 characters")
-            store.put_session(data.get("fingerprint"), creds, settings, kind=kind, label=label)
+            warn_before = data.get("warn_before")
+            if warn_before is not None and (type(warn_before) is not int or not 0 <= warn_before <= MAX_WARN_SECONDS):
+                raise ValueError(f"'warn_before' must be whole seconds from 0 to {MAX_WARN_SECONDS}")
+            store.put_session(data.get("fingerprint"), creds, settings, kind=kind, label=label,
+                              warn_before=None if warn_before is None else datetime.timedelta(seconds=warn_before))
         except ValueError as error:
             raise BadRequest(str(error)) from None
         return jsonify(fingerprint=data["fingerprint"], expiration=format_time(creds.expiration))

@@ -11,6 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from imsa import expiry
 from imsa.credentials import Credentials, format_time, mask, utcnow
 from imsa.errors import StsError
 from imsa.limits import MAX_ROLE_DURATION, MIN_DURATION, PATTERNS
@@ -157,6 +158,8 @@ class Session:
     material: object
     expiration: datetime.datetime
     label: str = None
+    # How long before its end the service warns (expiry.WARN_BEFORE unless the CLI sent the user's window).
+    warn_before: datetime.timedelta = expiry.WARN_BEFORE
 
     def expired(self, now):
         """True once the session has ended."""
@@ -196,13 +199,15 @@ class Store:
         self._thread = None
         # Where sessions are saved to survive a restart (imsa/server/saved.py), or None: memory only.
         self.saver = None
+        # {fingerprint: the expiration already warned about}: one warning per session, again for a new one.
+        self._warned = {}
 
     # --- sessions ---
 
-    def put_session(self, fingerprint, credentials, settings=None, kind="credentials", label=None):
+    def put_session(self, fingerprint, credentials, settings=None, kind="credentials", label=None, warn_before=None):
         """Keep a session pushed by the CLI — *credentials* is its material, of *kind* — with the StsSettings it was
-        made with (every call from it reaches STS that way); ValueError if it is already expired or of no known
-        kind."""
+        made with (every call from it reaches STS that way) and how long before its end to warn (*warn_before*);
+        ValueError if it is already expired or of no known kind."""
         if not _is_fingerprint(fingerprint):
             raise ValueError("'fingerprint' must be 32 hex characters")
         if kind not in sources.KINDS:
@@ -210,7 +215,8 @@ class Store:
         if credentials.expired(self._clock()):
             raise ValueError("the session has already expired")
         with self._lock:
-            self._sessions[fingerprint] = Session(kind, credentials, credentials.expiration, label)
+            window = expiry.WARN_BEFORE if warn_before is None else warn_before
+            self._sessions[fingerprint] = Session(kind, credentials, credentials.expiration, label, window)
             self._sts[fingerprint] = settings
             for spec, entry in self._entries.items():
                 if spec.fingerprint == fingerprint:
@@ -388,6 +394,7 @@ class Store:
                 "source": held.label,
                 "expiration": format_time(held.expiration),
                 "valid": not held.expired(now),
+                "ending": expiry.ending(held.expiration, now, held.warn_before),
                 "sts": _describe(settings.get(fingerprint)),
             })
         if served:
@@ -422,8 +429,15 @@ class Store:
             for fingerprint in [fp for fp, held in self._sessions.items() if held.expired(now)]:
                 del self._sessions[fingerprint]
                 self._sts.pop(fingerprint, None)
+                self._warned.pop(fingerprint, None)
                 log.info("session %s expired", fingerprint[:8])
                 self._save(lambda saver, fp=fingerprint: saver.forget_session(fp))
+            ending = []
+            for fingerprint, held in self._sessions.items():
+                if self._warned.get(fingerprint) != held.expiration and expiry.ending(held.expiration, now,
+                                                                                      held.warn_before):
+                    self._warned[fingerprint] = held.expiration
+                    ending.append((fingerprint, held, self._profiles_on(fingerprint)))
             watched = set(self._pins)
             if self._active is not None:
                 watched.add(self._active)
@@ -443,12 +457,29 @@ class Store:
                 if entry.retry_at is not None and now < entry.retry_at:
                     continue
                 due.append(spec)
+        for fingerprint, held, profiles in ending:
+            self._warn_ending(fingerprint, held, profiles, now)
         for spec in due:
             try:
                 self._make(spec)
             except StsError as error:
                 self._failed(spec, error, now)
         return self._next_check(self._clock())
+
+    def _profiles_on(self, fingerprint):
+        """The names of the active and pinned profiles on session *fingerprint* (call with the lock held)."""
+        watched = set(self._pins) | ({self._active} if self._active is not None else set())
+        return sorted({spec.profile for spec in watched if spec.fingerprint == fingerprint})
+
+    def _warn_ending(self, fingerprint, held, profiles, now):
+        """Say, in the log and on the desktop, that a session ends soon and what renews it."""
+        source = f" from {held.label}" if held.label else ""
+        renew = f"imsa assume {profiles[0]}" if profiles else "imsa assume PROFILE"
+        using = f" ({', '.join(profiles)} use it)" if profiles else ""
+        message = (f"session {fingerprint[:8]}{source} ends in {expiry.left(held.expiration, now)}, at "
+                   f"{format_time(held.expiration)}{using}; after that nothing is served from it until {renew}")
+        log.warning("%s", message)
+        expiry.notify("imsa: session ending", message)
 
     def _failed(self, spec, error, now):
         with self._lock:
@@ -470,6 +501,8 @@ class Store:
             if self._active is not None:
                 watched.add(self._active)
             moments = [held.expiration for held in self._sessions.values()]
+            moments += [held.expiration - held.warn_before for fingerprint, held in self._sessions.items()
+                        if held.warn_before and self._warned.get(fingerprint) != held.expiration]
             for spec in watched:
                 entry = self._entries.get(spec)
                 if entry is None or entry.credentials is None:
