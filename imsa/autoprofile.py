@@ -23,6 +23,7 @@ import os
 import stat
 
 from imsa.errors import ConfigError
+from imsa.files import replace_atomically
 
 AUTO_NAME = "auto"
 AUTO_FILE = ".imsa.json"
@@ -208,30 +209,12 @@ def trusted_digest(path, environ=None):
 
 def record_trust(auto, environ=None, now=None):
     """Record that *auto* (as it is now) is trusted: a 0600 file replaced atomically in the 0700 trust directory."""
-    directory = _checked_dir(trust_dir(environ), create=True)
+    _checked_dir(trust_dir(environ), create=True)  # made 0700 if missing, refused if it is not private
     target = record_path(auto.path, environ)
     moment = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
     body = json.dumps({"path": auto.path, "digest": auto.digest, "profile": auto.profile, "mode": auto.mode,
                        "trusted_at": moment}, indent=2) + "\n"
-    partial = os.path.join(directory, f".{os.path.basename(target)}.{os.getpid()}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(partial, flags, RECORD_MODE)
-    except FileExistsError:  # left by a process of the same pid that died mid-write
-        os.unlink(partial)
-        fd = os.open(partial, flags, RECORD_MODE)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(body.encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, target)
-    except BaseException:
-        try:
-            os.unlink(partial)
-        except OSError:
-            pass
-        raise
+    replace_atomically(target, body, RECORD_MODE)
 
 
 # --- the decision ---

@@ -13,6 +13,7 @@ import stat
 
 from imsa.credentials import format_time
 from imsa.errors import ConfigError, ImsaError
+from imsa.files import replace_atomically
 
 MARKER = "# imsa export:"
 KEYS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
@@ -96,25 +97,7 @@ def _replace(path, lines):
     """Write *lines* to *path* atomically (a temporary file beside it, fsync, rename), mode 0600."""
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
-    partial = os.path.join(directory, f".{os.path.basename(path)}.imsa-{os.getpid()}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(partial, flags, FILE_MODE)
-    except FileExistsError:  # left by a process of the same pid that died mid-write
-        os.unlink(partial)
-        fd = os.open(partial, flags, FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write("".join(lines).encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        try:
-            os.unlink(partial)
-        except OSError:
-            pass
-        raise
+    replace_atomically(path, "".join(lines), FILE_MODE)
 
 
 def shadowing_keys(name, config_path):

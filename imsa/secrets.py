@@ -24,10 +24,10 @@ import secrets as random
 import shlex
 import stat
 import subprocess
-import tempfile
 import threading
 
 from imsa.errors import ConfigError
+from imsa.files import replace_atomically
 
 STORE_VARIABLE = "IMSA_SECRET_STORE"
 PASSPHRASE_VARIABLE = "IMSA_FILE_PASSPHRASE"
@@ -383,19 +383,7 @@ class FileStore:
         self._check_directory(create=True)
         data = seal(self.passphrase(new=True), item, value)
         self._check_passphrase(item)
-        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".new-", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump(data, out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, self._path(item))
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-            raise
+        replace_atomically(self._path(item), json.dumps(data))
         directory = os.open(self.directory, os.O_RDONLY)
         try:
             os.fsync(directory)

@@ -13,7 +13,6 @@ import os
 import pwd
 import re
 import sys
-import tempfile
 
 from imsa.commands.common import Io
 from imsa.errors import EXIT_OK, ServiceError, UsageError
@@ -108,18 +107,9 @@ def served_user(user=None):
 def write_file(path, text):
     """Replace *path* with *text*, mode 0644, through a new file renamed over it (a symlink there is replaced, never
     followed)."""
-    fd, temporary = tempfile.mkstemp(prefix=".imsa-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(temporary, UNIT_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
+    from imsa.files import replace_atomically
+
+    replace_atomically(path, text, UNIT_MODE)
 
 
 def systemctl(*args):

@@ -124,22 +124,9 @@ def edited_text(text, name, changes):
 
 def write_private(path, text):
     """Replace *path* with *text* atomically, mode 0600 (it names keys, and may hold plain ones)."""
-    import tempfile
+    from imsa.files import replace_atomically
 
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".imsa-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
+    replace_atomically(path, text)
 
 
 def backup(path, now=None):

@@ -20,7 +20,8 @@ import logging
 import os
 import secrets as random
 import stat
-import tempfile
+
+from imsa.files import replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -145,19 +146,7 @@ class SavedSessions:
         return f"imsa-session-v{VERSION}\0{name}".encode()
 
     def _write(self, name, data):
-        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".new-", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump(self._seal(name, data), out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, os.path.join(self.directory, name))
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-            raise
+        replace_atomically(os.path.join(self.directory, name), json.dumps(self._seal(name, data)))
 
     def _remove(self, name):
         try:
