@@ -522,6 +522,10 @@ class LocalUser:
         )
 
 
+# How long a run's accounts may take to lose their last process before userdel gives up (seconds).
+USERDEL_WAIT = 15
+
+
 @pytest.fixture(scope="session")
 def local_users():
     """Two real unprivileged accounts made for this run with useradd and removed after it: the user imsa serves
@@ -537,5 +541,10 @@ def local_users():
             created.append(name)
         yield LocalUser(names[0]), LocalUser(names[1])
     finally:
+        # userdel refuses (exit 8) while a process of the user still runs: a service or shell a test stopped may take
+        # a moment to be gone. Wait for that, bounded, so that no account outlives the run.
         for name in created:
-            subprocess.run(["userdel", name], capture_output=True)
+            deadline = time.monotonic() + USERDEL_WAIT
+            while subprocess.run(["userdel", name], capture_output=True).returncode == 8 and \
+                    time.monotonic() < deadline:
+                time.sleep(0.1)
