@@ -466,20 +466,31 @@ def control_post(path, route, body, content_type="application/json"):
     return control_request(path, request)
 
 
-def answer_on_terminal(args, answers):
-    """Run the CLI with a terminal and answer each prompt in turn; returns (process, prompts seen, stdout, stderr)."""
-    process, master = with_terminal(args)
-    prompts = []
+def finish_terminal(process, master):
+    """Wait for a CLI started by with_terminal (killing it if it outlives the bound) and close its terminal; its
+    (stdout, stderr)."""
     try:
-        for answer in answers:
-            prompts.append(read_terminal(master, b": ").decode(errors="replace"))
-            os.write(master, answer.encode() + b"\n")
-        stdout, stderr = process.communicate(timeout=60)
+        return process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
         os.close(master)
+
+
+def answer_on_terminal(args, answers, until=b": "):
+    """Run the CLI with a terminal and answer each prompt (what the terminal shows up to *until*) in turn; returns
+    (process, prompts seen, stdout, stderr)."""
+    process, master = with_terminal(args)
+    prompts = []
+    try:
+        for answer in answers:
+            prompts.append(read_terminal(master, until).decode(errors="replace"))
+            os.write(master, answer.encode() + b"\n")
+    except BaseException:
+        finish_terminal(process, master)
+        raise
+    stdout, stderr = finish_terminal(process, master)
     return process, prompts, stdout, stderr
 
 

@@ -12,8 +12,7 @@ import stat
 
 import pytest
 
-from conftest import MFA_CODE, one_error_line, read_terminal, run_imsa, run_without_terminal, with_terminal, \
-    write_config
+from conftest import MFA_CODE, answer_on_terminal, one_error_line, run_imsa, run_without_terminal, write_config
 
 from imsa import autoprofile
 from ptyshell import shell_user  # noqa: F401 (a fixture)
@@ -45,19 +44,7 @@ def write_auto(directory, content, mode=0o644):
 def answer_trust(args, answers):
     """Run the CLI on a pseudo-terminal and answer each trust question in turn; (process, what the terminal
     showed, stdout, stderr)."""
-    process, master = with_terminal(args)
-    shown = []
-    try:
-        for answer in answers:
-            shown.append(read_terminal(master, QUESTION).decode(errors="replace"))
-            os.write(master, answer.encode() + b"\n")
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        os.close(master)
-    return process, shown, stdout, stderr
+    return answer_on_terminal(args, answers, until=QUESTION)
 
 
 def exported(stdout):

@@ -2,19 +2,10 @@
 
 import os
 
-from conftest import MFA_CODE, read_terminal, run_imsa, run_without_terminal, with_terminal, write_config
+from conftest import (
+    MFA_CODE, finish_terminal as finish, read_terminal, run_imsa, run_without_terminal, with_terminal, write_config,
+)
 from imsa.commands.picker import Picker, matches
-
-
-def finish(process, master):
-    try:
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        os.close(master)
-    return stdout, stderr
 
 
 def test_filter_keeps_the_names_holding_every_word():
