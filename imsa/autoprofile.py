@@ -24,6 +24,7 @@ import stat
 
 from imsa.errors import ConfigError
 from imsa.files import replace_atomically
+from imsa.paths import xdg_dir
 
 AUTO_NAME = "auto"
 AUTO_FILE = ".imsa.json"
@@ -157,11 +158,7 @@ def parse(path, raw):
 
 def trust_dir(environ=None):
     """The directory of trust records: ``$XDG_STATE_HOME/imsa/trust`` (default ``~/.local/state/imsa/trust``)."""
-    environ = os.environ if environ is None else environ
-    state = environ.get("XDG_STATE_HOME")
-    if not state or not os.path.isabs(state):
-        state = os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(state, "imsa", "trust")
+    return xdg_dir("XDG_STATE_HOME", "trust", environ=environ)
 
 
 def record_path(path, environ=None):

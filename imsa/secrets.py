@@ -28,6 +28,7 @@ import threading
 
 from imsa.errors import ConfigError
 from imsa.files import replace_atomically
+from imsa.paths import xdg_dir
 
 STORE_VARIABLE = "IMSA_SECRET_STORE"
 PASSPHRASE_VARIABLE = "IMSA_FILE_PASSPHRASE"
@@ -210,8 +211,7 @@ def default_directory(environ=None):
     environ = os.environ if environ is None else environ
     if environ.get(DIRECTORY_VARIABLE):
         return environ[DIRECTORY_VARIABLE]
-    data = environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(data, "imsa", "keys")
+    return xdg_dir("XDG_DATA_HOME", "keys", environ=environ)
 
 
 def _b64(data):

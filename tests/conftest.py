@@ -139,6 +139,8 @@ def isolated_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(home / ".aws" / "config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / ".aws" / "credentials"))
     monkeypatch.setenv("IMSA_CONFIG", str(home / ".imsa"))
+    # The machine's /etc/imsa (an organisation's defaults) never reaches a test; a test that needs one makes it here.
+    monkeypatch.setenv("IMSA_SYSTEM_CONFIG_DIR", str(tmp_path / "etc-imsa"))
     run_dir = service_run_dir()
     monkeypatch.setenv("IMSA_CONTROL_SOCKET", os.path.join(run_dir, "run", "control.sock"))
     if os.geteuid() == 0:  # the CLI, run as root here, expects the service of the user it serves

@@ -22,6 +22,7 @@ import secrets as random
 import stat
 
 from imsa.files import replace_atomically
+from imsa.paths import xdg_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,7 @@ def default_directory(environ=None):
     environ = os.environ if environ is None else environ
     if environ.get(STATE_VARIABLE):
         return environ[STATE_VARIABLE]
-    state = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(state, "imsa", "sessions")
+    return xdg_dir("XDG_STATE_HOME", "sessions", environ=environ)
 
 
 def session_key(store):
