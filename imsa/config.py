@@ -500,6 +500,14 @@ def _imsa_names(path=None):
 # --- one name, two files ---
 
 
+def input_paths(environ=None):
+    """Every file resolve() may read, in order: the parsed-profile cache (imsa/profile_cache.py) is keyed by their
+    identities, so a file added to resolution is added here."""
+    from imsa.sources import aws_config
+
+    return [config_path(), *aws_config.file_paths(environ)]
+
+
 def resolve(name, warn=None, environ=None):
     """Profile *name*: from ~/.imsa when it has it, else from the AWS config files; ConfigError naming both files
     (with the closest name) when neither has it."""
