@@ -52,6 +52,13 @@ IMDS_SERVER_OPTIONS = dict(
     connection_limit=IMDS_CONNECTION_LIMIT,
 )
 STOP_DELAY = 0.2
+# Connections the kernel completes before the event loop accepts them. SDKs give IMDS one attempt of 1 s: a
+# connection refused by a full queue is retried by the kernel only after 1 s, i.e. a failure. 256 SDK clients at
+# once (a parallel build) must fit; the kernel caps it at net.core.somaxconn (4096 by default).
+LISTEN_BACKLOG = 1024
+# How often the event loop looks at its connections while any is open: the clock of REQUEST_DEADLINE and of
+# waitress's channel_timeout. With none open it waits for the next connection without a timeout (serve_loop).
+BUSY_POLL_TIMEOUT = 1.0
 # The systemd unit hands the listening socket over as fd 3 (socket activation).
 SD_LISTEN_FDS_START = 3
 
@@ -163,7 +170,8 @@ def _deadline_channel():
             return done
 
         def readable(self):
-            # The event loop asks every channel at least once a second (its poll timeout), so this is the clock.
+            # The event loop asks every channel at least once a second while one is open (serve_loop), so this is
+            # the clock.
             began = self.request_began
             if began is not None and not self.will_close and time.monotonic() - began > REQUEST_DEADLINE:
                 log.debug("closing a connection from %s: no whole request within %d s", self.addr, REQUEST_DEADLINE)
@@ -224,7 +232,7 @@ def bind_tcp(host, port, device=None):
         if error.errno == errno.EADDRINUSE:
             raise ServiceError(f"cannot bind {host}:{port}: already in use (is imsa already running? see: imsa status)") from None
         raise ServiceError(f"cannot bind {host}:{port}: {error.strerror}") from None
-    sock.listen(128)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -630,7 +638,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
         host, port, "optional" if allow_imdsv1 else "required", uid, path,
     )
     try:
-        wasyncore.loop(timeout=1, map=shared_map, use_poll=True)
+        serve_loop(shared_map)
     except SystemExit:
         pass
     finally:
@@ -642,6 +650,18 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
             server.close()
         _unlink(path)
     return 0
+
+
+def serve_loop(shared_map):
+    """waitress's event loop over *shared_map*, but asleep while idle: with no connection open nothing can time out,
+    so it waits for the next one without a timeout (waitress's own loop woke every second, all day); with any open,
+    it wakes at least every BUSY_POLL_TIMEOUT for the deadlines. A signal (SIGTERM, SIGINT) still ends the wait."""
+    from waitress import wasyncore
+    from waitress.channel import HTTPChannel
+
+    while shared_map:
+        busy = any(isinstance(entry, HTTPChannel) for entry in list(shared_map.values()))
+        wasyncore.poll2(BUSY_POLL_TIMEOUT if busy else None, shared_map)
 
 
 def _serve_again(store, spec):
