@@ -3,10 +3,12 @@ owning the client's socket of a local TCP connection (IMDS serves only the owner
 
 import errno
 import ipaddress
+import itertools
 import os
 import socket
 import struct
 import sys
+import threading
 
 
 def peer_credentials(sock):
@@ -45,6 +47,43 @@ def _unmapped(ip):
     return ip.ipv4_mapped or ip if ip.version == 6 else ip
 
 
+class _Netlink:
+    """One sock_diag socket for the life of the process, one question at a time: opening and closing a netlink
+    socket for each new connection cost more than the question itself (a burst of SDK clients opens hundreds)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.sock = None
+        self.sequence = itertools.count(1)
+
+    def ask(self, flags, body):
+        """Send one sock_diag request (*flags*, *body*) under a sequence number of its own, and return the answer
+        that carries that number; OSError when netlink cannot be used here."""
+        with self.lock:
+            if self.sock is None:
+                self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+                self.sock.settimeout(1)
+            number = next(self.sequence) & 0xFFFFFFFF
+            header = struct.pack("=IHHII", 16 + len(body), SOCK_DIAG_BY_FAMILY, flags, number, 0)
+            try:
+                self.sock.sendto(header + body, (0, 0))
+                for _ in range(NETLINK_STALE_ANSWERS):
+                    answer = self.sock.recv(65536)
+                    # An answer to an earlier question that timed out is still queued: skip it.
+                    if len(answer) >= 16 and struct.unpack_from("=I", answer, 8)[0] == number:
+                        return answer
+                raise OSError(errno.EPROTO, "sock_diag: no answer to this question")
+            except OSError:
+                self.sock.close()  # a fresh socket next time: nothing stale is read again
+                self.sock = None
+                raise
+
+
+# Answers to earlier questions read past before giving up on one (each of those had timed out).
+NETLINK_STALE_ANSWERS = 8
+_netlink = _Netlink()
+
+
 def _diag_uid(client_ip, client_port, server_ip, server_port):
     """sock_diag: the uid of the TCP socket whose local end is client_ip:port and remote end server_ip:port,
     None if there is none; OSError when netlink cannot be used here."""
@@ -58,11 +97,7 @@ def _diag_uid(client_ip, client_port, server_ip, server_port):
     sockid = struct.pack("!HH16s16s", client_port, server_port, packed(client_ip), packed(server_ip))
     sockid += struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
     body = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
-    header = struct.pack("=IHHII", 16 + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as netlink:
-        netlink.settimeout(1)
-        netlink.sendto(header + body, (0, 0))
-        answer = netlink.recv(65536)
+    answer = _netlink.ask(NLM_F_REQUEST, body)
     kind = struct.unpack_from("=H", answer, 4)[0] if len(answer) >= 16 else None
     if kind == NLMSG_ERROR and len(answer) >= 20:
         code = -struct.unpack_from("=i", answer, 16)[0]
