@@ -292,7 +292,7 @@ def _add_system_options(parser):
 
 def _add_signing_helper_options(parser):
     """``aws_signing_helper credential-process``'s options, under its names (imsa/sources/roles_anywhere.py)."""
-    from imsa.sources.roles_anywhere import add_helper_options
+    from imsa.helper_options import add_helper_options
 
     add_helper_options(parser.add_argument_group("IAM Roles Anywhere (aws_signing_helper's options)"))
 
@@ -402,11 +402,6 @@ def main(argv=None):
 
 def _full(argv):
     """Every command: parse *argv* (or complete it), run the handler, turn errors into one line and an exit code."""
-    import logging
-
-    from imsa import sudo
-    from imsa.server.logs import mute_wire_loggers
-
     parser = build_parser()
     # argcomplete acts only when the shell asks for completions (it sets _ARGCOMPLETE); importing it on every
     # other run cost about 10 ms of each `imsa status` and `imsa export` (scripts/bench.py).
@@ -418,6 +413,12 @@ def _full(argv):
         except ImportError:  # completion is a convenience
             pass
     args = parser.parse_args(argv)
+    # Only now: completion (above) ends the process without them, at every <TAB>.
+    import logging
+
+    from imsa import sudo
+    from imsa.server.logs import mute_wire_loggers
+
     logging.basicConfig(format="imsa: %(message)s", stream=sys.stderr)
     _set_log_level(args)
     # Even with --debug: botocore's DEBUG lines print STS's raw answers, i.e. the MFA session's secret and token.

@@ -8,11 +8,8 @@ in the cache, no session or one the full path would renew, a warning to give, an
 full command runs instead and says and does everything as always (the requests made here only read).
 """
 
-import json
 import os
 
-from imsa import expiry, profile_cache
-from imsa.client import Client
 from imsa.errors import EXIT_OK, ImsaError
 
 # commands.common.SESSION_MIN_LEFT, in seconds: a session with less left is renewed by the full path.
@@ -49,6 +46,10 @@ def run(argv, out):
     if parsed is None or (os.geteuid() == 0 and os.environ.get("SUDO_UID")):
         return None  # through sudo: the full path becomes the invoking user (imsa/sudo.py) first
     command, name, fmt = parsed
+    # Imported only now: cli.main asks this module first for every command, and the others need none of it.
+    from imsa import expiry, profile_cache
+    from imsa.client import Client
+
     try:
         entry = profile_cache.lookup(name)
         if entry is None:
@@ -78,6 +79,8 @@ def render(command, fmt, entry, answer, expiration):
     if not all(isinstance(value, str) and value for value in keys.values()):
         raise ValueError("credentials need non-empty strings")
     if command == "credential-process" or fmt == "json":
+        import json
+
         body = {"Version": 1, **keys, "Expiration": expiration}  # Credentials.to_process()
         if command == "export":
             return json.dumps(body, indent=2) + "\n"

@@ -1,14 +1,17 @@
 """Who is at the other end of a connection to the service: SO_PEERCRED for the control socket, and the user
-owning the client's socket of a local TCP connection (IMDS serves only the owner's processes and root's)."""
+owning the client's socket of a local TCP connection (IMDS serves only the owner's processes and root's).
 
+The command line imports this module for peer_credentials alone, at the start of every ``imsa export``: what only
+the service's TCP lookups need (ipaddress) is imported by the functions that use it.
+"""
+
+import _thread
 import errno
-import ipaddress
 import itertools
 import os
 import socket
 import struct
 import sys
-import threading
 
 
 def peer_credentials(sock):
@@ -43,6 +46,8 @@ def is_local_peer(peer, listen_ip=None):
 
 
 def _unmapped(ip):
+    import ipaddress
+
     ip = ipaddress.ip_address(ip.split("%", 1)[0])
     return ip.ipv4_mapped or ip if ip.version == 6 else ip
 
@@ -52,7 +57,7 @@ class _Netlink:
     socket for each new connection cost more than the question itself (a burst of SDK clients opens hundreds)."""
 
     def __init__(self):
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()  # threading.Lock() without importing threading
         self.sock = None
         self.sequence = itertools.count(1)
 
@@ -91,6 +96,8 @@ def _diag_uid(client_ip, client_port, server_ip, server_port):
 
     def packed(ip):
         if family == socket.AF_INET6 and ip.version == 4:
+            import ipaddress
+
             ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
         return ip.packed.ljust(16, b"\0")
 
@@ -116,6 +123,8 @@ def _diag_uid(client_ip, client_port, server_ip, server_port):
 def _proc_net_address(ip, port, v6_table):
     """How /proc/net/tcp (or tcp6) writes ip:port: 32-bit words in host (little-endian) order, in hex."""
     if ip.version == 4 and v6_table:
+        import ipaddress
+
         ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
     packed = ip.packed
     words = "".join(f"{int.from_bytes(packed[i:i + 4], sys.byteorder):08X}" for i in range(0, len(packed), 4))
