@@ -56,9 +56,9 @@ STOP_DELAY = 0.2
 # connection refused by a full queue is retried by the kernel only after 1 s, i.e. a failure. 256 SDK clients at
 # once (a parallel build) must fit; the kernel caps it at net.core.somaxconn (4096 by default).
 LISTEN_BACKLOG = 1024
-# How often the event loop looks at its connections while any is open: the clock of REQUEST_DEADLINE and of
-# waitress's channel_timeout. With none open it waits for the next connection without a timeout (serve_loop).
-BUSY_POLL_TIMEOUT = 1.0
+# The shortest sleep of the event loop while a connection is open (serve_loop): a deadline that has just passed is
+# acted on at the next look, and this bounds how often the loop looks meanwhile.
+MIN_POLL_TIMEOUT = 0.05
 # The systemd unit hands the listening socket over as fd 3 (socket activation).
 SD_LISTEN_FDS_START = 3
 
@@ -170,8 +170,8 @@ def _deadline_channel():
             return done
 
         def readable(self):
-            # The event loop asks every channel at least once a second while one is open (serve_loop), so this is
-            # the clock.
+            # The event loop looks at every channel by this deadline while it is set (serve_loop), so this is the
+            # clock.
             began = self.request_began
             if began is not None and not self.will_close and time.monotonic() - began > REQUEST_DEADLINE:
                 log.debug("closing a connection from %s: no whole request within %d s", self.addr, REQUEST_DEADLINE)
@@ -653,15 +653,34 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
 
 
 def serve_loop(shared_map):
-    """waitress's event loop over *shared_map*, but asleep while idle: with no connection open nothing can time out,
-    so it waits for the next one without a timeout (waitress's own loop woke every second, all day); with any open,
-    it wakes at least every BUSY_POLL_TIMEOUT for the deadlines. A signal (SIGTERM, SIGINT) still ends the wait."""
+    """waitress's event loop over *shared_map*, but asleep while nothing can time out: waitress's own loop woke every
+    second, all day. Events (a connection, a request, a finished answer) wake it as before; a signal (SIGTERM,
+    SIGINT) still ends the wait."""
     from waitress import wasyncore
-    from waitress.channel import HTTPChannel
 
     while shared_map:
-        busy = any(isinstance(entry, HTTPChannel) for entry in list(shared_map.values()))
-        wasyncore.poll2(BUSY_POLL_TIMEOUT if busy else None, shared_map)
+        wasyncore.poll2(poll_timeout(shared_map), shared_map)
+
+
+def poll_timeout(shared_map):
+    """How long the event loop may sleep: None with no connection open; else until the nearest deadline — a
+    request's REQUEST_DEADLINE (_deadline_channel), or a server's next sweep of connections idle past
+    channel_timeout (waitress does it when it next looks at the server after next_channel_cleanup)."""
+    from waitress.channel import HTTPChannel
+
+    wall, monotonic = time.time(), time.monotonic()
+    waits, connections = [], False
+    for entry in list(shared_map.values()):
+        if isinstance(entry, HTTPChannel):
+            connections = True
+            began = getattr(entry, "request_began", None)
+            if began is not None:
+                waits.append(began + REQUEST_DEADLINE - monotonic)
+        elif getattr(entry, "next_channel_cleanup", None) is not None:  # a waitress server (wall clock)
+            waits.append(entry.next_channel_cleanup - wall)
+    if not connections:
+        return None
+    return max(MIN_POLL_TIMEOUT, min(waits, default=MIN_POLL_TIMEOUT))
 
 
 def _serve_again(store, spec):
