@@ -1035,23 +1035,26 @@ def run(plan, say):
         rows = []
         load = Load(8)
         phases["setup"] = time.monotonic() - began
-        say("bench: 1/5 IMDSv2 sequences")
+        say("bench: 1/6 IMDSv2 sequences")
         measure_sequences(load, ports, pids, plan, rows, log)
         phases["sequences"] = time.monotonic() - began - sum(phases.values())
-        say("bench: 1b/5 bursts of " + " and ".join(map(str, BURST_SIZES)) + " clients")
-        measure_bursts(load, ports, plan, rows, log)
-        phases["bursts"] = time.monotonic() - began - sum(phases.values())
-        say("bench: 2/5 boto3 through IMDS")
+        say("bench: 2/6 boto3 through IMDS")
         measure_clients(ports, expected, plan, rows, log)
         phases["clients"] = time.monotonic() - began - sum(phases.values())
-        say("bench: 3-4/5 the CLI")
+        say("bench: 3-4/6 the CLI")
         measure_cli(plan, rows, sts, log, work)
         measure_shell_hook(plan, rows, log, work)
         phases["cli"] = time.monotonic() - began - sum(phases.values())
         # assume switched the served role; the resource rows only need the sequences to succeed, whatever role.
-        say(f"bench: 5/5 RSS and {plan.idle_seconds} s idle")
+        say(f"bench: 5/6 RSS and {plan.idle_seconds} s idle")
         measure_resources(load, ports, pids, plan, rows, log)
         phases["resources"] = time.monotonic() - began - sum(phases.values())
+        # Last: hundreds of connections at once grow the heap, and the RSS row above is after sequences alone.
+        say("bench: 6/6 bursts of " + " and ".join(map(str, BURST_SIZES)) + " clients")
+        measure_bursts(load, ports, plan, rows, log)
+        rows.append(row("rss_after_bursts", "RSS after the bursts too", "MB",
+                        {name: rss_mb(pid) for name, pid in pids.items()}, ratio_to="flask"))
+        phases["bursts"] = time.monotonic() - began - sum(phases.values())
         if load.latest_start > 0.01:
             log(f"a load worker began {load.latest_start * 1000:.0f} ms late; rates may be a little low")
         busiest = max(info["loadavg_start"], os.getloadavg()[0])

@@ -24,6 +24,7 @@ ROWS = [
     for command in ("status", "status_short", "export", "credential_process", "complete", "shell_init", "python")
 ] + [
     "boto3_get_credentials", "botocore_fetcher", "cli_assume", "shell_hook", "rss", "idle_cpu", "idle_wakeups",
+    "rss_after_bursts",
 ]
 
 
