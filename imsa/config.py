@@ -33,9 +33,14 @@ STRING_KEYS = (
     "sso_registration_scopes",
     "sso_session",
     "sso_cache",
+    # An OIDC provider for web identity (imsa/sources/oidc.py).
+    "oidc_discovery_url",
+    "oidc_client_id",
+    "oidc_scopes",
+    "oidc_roles_url",
     "extends",
 )
-INT_KEYS = ("duration_seconds", "session_duration_seconds")
+INT_KEYS = ("duration_seconds", "session_duration_seconds", "oidc_duration_seconds")
 # secret_store: true says the profile's keys are in imsa's secret store (imsa/secrets.py), not in this file.
 BOOL_KEYS = ("secret_store",)
 KNOWN_KEYS = STRING_KEYS + INT_KEYS + BOOL_KEYS
@@ -43,6 +48,8 @@ KNOWN_KEYS = STRING_KEYS + INT_KEYS + BOOL_KEYS
 RANGES = {
     "duration_seconds": (MIN_DURATION, MAX_ROLE_DURATION),
     "session_duration_seconds": (MIN_DURATION, MAX_SESSION_DURATION),
+    # What AssumeRoleWithWebIdentity allows (a role's MaxSessionDuration is at most 12 hours).
+    "oidc_duration_seconds": (MIN_DURATION, 12 * 3600),
 }
 # Keys people carry over from other files, and what ~/.imsa calls them (difflib finds neither).
 RENAMED_KEYS = {
@@ -156,6 +163,11 @@ class Config:
 
             chain = [(ancestor, self._raw[ancestor]) for ancestor in reversed(self._chain(name))]
             return sso.imsa_profile(name, self.path, chain, self._where)
+        if any("oidc_discovery_url" in self._raw[ancestor] for ancestor in self._chain(name)):
+            from imsa.sources import oidc
+
+            chain = [(ancestor, self._raw[ancestor]) for ancestor in reversed(self._chain(name))]
+            return oidc.imsa_profile(name, self.path, chain, self._where)
         merged = {}
         owner = None  # the nearest profile of the chain that gave the keys, when it keeps them in the store
         for ancestor in reversed(self._chain(name)):

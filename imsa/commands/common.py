@@ -47,6 +47,8 @@ def load_profile(name, io):
     (a duration cut to the role-chaining hour) go to *io*."""
     expiry.warn_before()  # a bad IMSA_WARN_BEFORE is said before anything is asked or made
     profile = config.resolve(name, warn=io.say)
+    if not profile.role_arn and hasattr(profile.source, "pick_role"):  # a role picked at sign-in (OIDC)
+        profile = profile.source.pick_role(profile, io)
     for note in profile.notes:
         io.say(f"imsa: note: {note}")
     return profile
