@@ -593,7 +593,19 @@ def profile_names(path=None):
     """
     if path is not None:
         return _imsa_names(path)
-    return sorted(set(_imsa_names()) | set(_aws_names()))
+    return sorted(set(_imsa_names()) | set(_system_names()) | set(_aws_names()))
+
+
+def _system_names():
+    """The organisation's profile names (the files' checks are for the commands that use them), or none."""
+    try:
+        from imsa import paths
+
+        directory = paths.system_config_dir()
+        files = [os.path.join(directory, name) for name in os.listdir(directory) if name.endswith(SYSTEM_SUFFIXES)]
+    except Exception:  # completion must never fail loudly
+        return []
+    return [name for path in files for name in _imsa_names(path)]
 
 
 def _aws_names():

@@ -140,3 +140,11 @@ def test_a_file_owned_by_another_user_is_refused(isolated_env, system_dir):
 def test_without_a_users_file_the_organisations_profiles_are_listed(isolated_env, system_dir):
     path = install(system_dir, "corp.yaml", {"base": {"aws_access_key_id": "AKIAEXAMPLE000000000"}})
     assert listing()["base"]["origin"] == str(path)
+
+
+def test_completion_offers_the_organisations_profiles(isolated_env, system_dir):
+    install(system_dir, "corp.yaml", {"corp": {"region": "eu-west-1"}})
+    user_profiles(isolated_env, {"mine": {"extends": "corp"}})
+    from imsa import config
+
+    assert {"corp", "mine"} <= set(config.profile_names())
