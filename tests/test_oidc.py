@@ -288,3 +288,11 @@ def test_oidc_profile_errors_name_file_profile_and_key(provider, keys, message):
     path.write_text(yaml.safe_dump(data))
     line = one_error_line(run_without_terminal("assume", "pick"), 3)
     assert message in line and str(path) in line, line
+
+
+def test_logout_of_a_profile_without_a_role_forgets_the_session_without_a_sign_in(provider, service):
+    assert run_without_terminal("assume", "web-a").returncode == 0
+    done = run_without_terminal("logout", "pick")
+    assert done.returncode == 0, done.stderr
+    assert "/authorize?" not in done.stderr and provider.fake.count("/token") == 1
+    assert service.client.status()["sessions"] == []
