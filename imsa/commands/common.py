@@ -42,11 +42,14 @@ class Io:
         self.err.flush()
 
 
-def load_profile(name, io):
+def load_profile(name, io, pick=True):
     """Profile *name* from ~/.imsa, else from the AWS config files; the permission warning and the profile's notes
-    (a duration cut to the role-chaining hour) go to *io*."""
+    (a duration cut to the role-chaining hour) go to *io*. With *pick*, a profile whose role is picked at sign-in
+    (an OIDC profile without role_arn) gets it now; commands that need the source only pass False."""
     expiry.warn_before()  # a bad IMSA_WARN_BEFORE is said before anything is asked or made
     profile = config.resolve(name, warn=io.say)
+    if pick and not profile.role_arn and hasattr(profile.source, "pick_role"):  # a role picked at sign-in (OIDC)
+        profile = profile.source.pick_role(profile, io)
     for note in profile.notes:
         io.say(f"imsa: note: {note}")
     return profile

@@ -34,6 +34,7 @@ KINDS = {
     "roles_anywhere": ("imsa.sources.roles_anywhere:Anchor", "imsa.sources.roles_anywhere:mint"),
     "credential_process": ("imsa.sources.system_process:Command", "imsa.sources.system_process:mint"),
     "sso": ("imsa.sources.sso:SsoToken", "imsa.sources.sso:mint"),
+    "web_identity": ("imsa.sources.oidc:IdToken", "imsa.sources.oidc:mint"),
 }
 
 
