@@ -199,8 +199,9 @@ def region_advice(profile, environ=None):
     return None
 
 
-def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None):
-    """(profile, Credentials) without touching what IMDS serves; direct STS calls when no service runs."""
+def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None, way=None):
+    """(profile, Credentials) without touching what IMDS serves; direct STS calls when no service runs. *way* names
+    the command in the service's delivery log."""
     from imsa import sts
 
     io = io or Io()
@@ -224,7 +225,7 @@ def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None,
         if not profile.role_arn:
             return profile, session
         return profile, mint(profile, session, dict(profile.role_spec(), sts=settings), factory)
-    return profile, Credentials.from_json(client.credentials(profile.role_spec()))
+    return profile, Credentials.from_json(client.credentials(profile.role_spec(), way=way))
 
 
 def shadowing_warnings(environ=None, home=None, listen=None):

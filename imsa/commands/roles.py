@@ -75,7 +75,7 @@ def export(name, fmt="sh", mfa_token=None, io=None, client=None, prompt=None, st
     target = None
     if to_credentials_file is not None:  # checked before an MFA code is asked for
         target = _credentials_target(name, to_credentials_file or name, path, environ)
-    profile, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
+    profile, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory, way="export")
     again = f"run imsa export {name} again before then" if to_credentials_file is None else \
         "they are not refreshed: write them again before then"
     warn_if_ending(io, f"the credentials of {profile.name}", creds.expiration, again)
