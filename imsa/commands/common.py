@@ -199,13 +199,19 @@ def region_advice(profile, environ=None):
     return None
 
 
-def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None, way=None):
+def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None, way=None,
+                        command=None):
     """(profile, Credentials) without touching what IMDS serves; direct STS calls when no service runs. *way* names
-    the command in the service's delivery log."""
+    the command in the service's delivery log; for a ``confirm: true`` profile, *command* is what the person is
+    asked to let have the credentials (imsa/commands/fence.py)."""
     from imsa import sts
 
     io = io or Io()
     profile = load_profile(name, io)
+    if command:
+        from imsa.commands import fence
+
+        fence.confirm(profile, command)
     client = client or Client()
     mfa = mfa_codes(profile, mfa_token, prompt)
     factory = sts_factory or sts.sts_client

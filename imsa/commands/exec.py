@@ -17,6 +17,7 @@ import threading
 
 from imsa import sts
 from imsa.client import Client
+from imsa.commands import fence
 from imsa.commands.common import (
     Io, auto_profile, default_profile_has_keys, describe_left, ensure_session, load_profile, mfa_codes,
     profile_credentials, warn_if_ending,
@@ -135,6 +136,7 @@ def exec_command(name, argv, mode=None, mfa_token=None, io=None, client=None, pr
     shell_only = not argv  # as aws-vault does: a shell with the role, until it exits
     if shell_only:
         argv = [environ.get("SHELL") or DEFAULT_SHELL]
+    fence.confirm(profile, f"imsa exec {name} -- {shlex.join(argv)}")
     outer = environ.get("IMSA_PROFILE")
     if outer:
         io.say(f"imsa: nested exec: {name} (inner) wins over {outer} (outer) for this command")
@@ -274,6 +276,7 @@ def credential_process(name, io=None, client=None, prompt=None, sts_factory=None
     io = io or Io()
     name, _mode = auto_profile(name, confirm_trust, io, "imsa credential-process {options} auto")
     profile = load_profile(name, io)
+    fence.confirm(profile, f"imsa credential-process {name}")
     client = client or Client()
     mfa = mfa_codes(profile, None, prompt or TerminalOnlyPrompt(name))
     factory = sts_factory or sts.sts_client

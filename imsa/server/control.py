@@ -145,6 +145,10 @@ def create_app(store, owner_uid, info, on_stop, bindings=None, service_bindings=
     @app.post("/activate")
     def activate():
         spec = spec_from(body())
+        if not spec.imds:
+            # The CLI refuses it first; this stops a CLI that does not know the setting (or any other caller).
+            raise BadRequest(f"profile {spec.profile} is kept off the global endpoint (imds: false); use imsa exec "
+                             f"{spec.profile} -- COMMAND, or imsa export {spec.profile}", 403)
         creds = store.activate(spec)
         return jsonify(profile=spec.profile, role_arn=spec.role_arn, expiration=format_time(creds.expiration))
 
