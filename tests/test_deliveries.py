@@ -372,3 +372,38 @@ def test_socket_inode_finds_an_open_connection_and_not_a_closed_one():
     finally:
         accepted.close()
         server.close()
+
+
+def test_a_keep_alive_client_is_found_again_without_a_scan_and_a_closed_one_is_not():
+    """The holder of a socket is remembered (one readlink checks it); once the client closes, nothing is claimed."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    log = deliveries.DeliveryLog()
+    ends = dict(client=client.getsockname(), server=server.getsockname())
+
+    def deliver():
+        log.delivered(spec(), creds(), "imds", uid=os.geteuid(), **ends)
+        with log._lock:
+            jobs = list(log._pending)
+            log._pending.clear()
+        log.process(jobs)
+        return log.records()[0][-1]
+
+    try:
+        first = deliver()
+        assert first["attributed"] and first["pid"] == os.getpid()
+        assert os.fstat(client.fileno()).st_ino in log._known
+        scans = []
+        log._holders = lambda inodes: scans.append(inodes) or {}
+        second = deliver()
+        assert second["attributed"] and second["pid"] == os.getpid() and scans == []
+        client.close()
+        third = deliver()
+        assert not third["attributed"] and third["note"] == deliveries.NOT_SEEN
+    finally:
+        client.close()
+        accepted.close()
+        server.close()

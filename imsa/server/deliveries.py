@@ -48,6 +48,8 @@ MAX_PENDING = 4096
 # Bounds of one /proc scan: processes looked at, descriptors read per process.
 MAX_PROCESSES = 4096
 MAX_FDS = 4096
+# Sockets whose holder is remembered (checked with one readlink before it is reused).
+MAX_KNOWN = 256
 # A command line is cut to this many characters (arguments joined by spaces).
 MAX_CMDLINE = 512
 FILE_MAX_BYTES = 1 << 20
@@ -87,6 +89,8 @@ class DeliveryLog:
         self._stopping = False
         self._thread = None
         self._file = None
+        # inode -> (pid, fd, holder) of sockets found lately (the worker's alone: no lock).
+        self._known = collections.OrderedDict()
 
     # --- on the request side: one call, nothing but a note in memory ---
 
@@ -221,7 +225,13 @@ class DeliveryLog:
                 record["note"] = NOT_SEEN
             else:
                 wanted.setdefault(inode, []).append(record)
-        found = self._holders(set(wanted)) if wanted else {}
+        found = {}
+        for inode in wanted:
+            holder = self._still_held(inode)
+            if holder is not None:
+                found[inode] = holder
+        missing = set(wanted) - set(found)
+        found.update(self._holders(missing) if missing else {})
         for inode, records in wanted.items():
             holder = found.get(inode)
             for record in records:
@@ -263,6 +273,23 @@ class DeliveryLog:
             described["parent"] = {"pid": parent, "exe": self._exe(parent), "cmdline": self._cmdline(parent)}
         return described
 
+    def _still_held(self, inode):
+        """The holder found for *inode* before, if that descriptor of that process is still the socket: an SDK on a
+        keep-alive connection asks again and again, and one readlink then spares a scan of every process."""
+        known = self._known.get(inode)
+        if known is None:
+            return None
+        pid, name, holder = known
+        try:
+            if os.readlink(f"{self._proc}/{pid}/fd/{name}") == f"socket:[{inode}]":
+                self._known.move_to_end(inode)
+                # Read again: the process may have run another program since (exec keeps descriptors).
+                return dict(holder, exe=self._exe(pid), cmdline=self._cmdline(pid))
+        except OSError:
+            pass
+        del self._known[inode]
+        return None
+
     def _holders(self, inodes):
         """{inode: {pid, exe, cmdline}} for the processes that hold these sockets (newest pids first, bounded)."""
         targets = {f"socket:[{inode}]": inode for inode in inodes}
@@ -295,6 +322,9 @@ class DeliveryLog:
                     still = False
                 if still:
                     found[inode] = {"pid": pid, "exe": exe, "cmdline": cmdline}
+                    self._known[inode] = (pid, name, found[inode])
+                    while len(self._known) > MAX_KNOWN:
+                        self._known.popitem(last=False)
             if len(found) == len(targets):
                 break
         return found
