@@ -6,6 +6,7 @@ as root, that is the service's unprivileged user, through setpriv.
 
 import json
 import os
+import select
 import shutil
 import socket
 import stat
@@ -407,3 +408,18 @@ def test_a_keep_alive_client_is_found_again_without_a_scan_and_a_closed_one_is_n
         client.close()
         accepted.close()
         server.close()
+
+
+def test_log_follow_prints_new_deliveries_as_they_come(active_service):
+    """imsa log --follow --json: a delivery made after it started appears on its stdout; it is stopped by its pid."""
+    follower = subprocess.Popen([sys.executable, "-m", "imsa", "log", "--follow", "--json", "--profile", "b"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        done = run_imsa("export", "b", "--mfa-token", MFA_CODE)
+        assert done.returncode == 0, done.stderr
+        ready, _, _ = select.select([follower.stdout], [], [], LOG_WAIT)
+        assert ready, "imsa log --follow printed nothing"
+        record = json.loads(follower.stdout.readline())
+        assert record["profile"] == "b" and record["way"] == "export"
+    finally:
+        stop_process(follower)
