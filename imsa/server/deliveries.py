@@ -31,6 +31,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 
 from imsa.credentials import format_time, mask, utcnow
 
@@ -48,6 +49,9 @@ MAX_PENDING = 4096
 # Bounds of one /proc scan: processes looked at, descriptors read per process.
 MAX_PROCESSES = 4096
 MAX_FDS = 4096
+# After each batch the worker rests this many times as long as the batch took (at most MAX_PAUSE seconds).
+PAUSE_FACTOR = 3
+MAX_PAUSE = 0.25
 # Sockets whose holder is remembered (checked with one readlink before it is reused).
 MAX_KNOWN = 256
 # A command line is cut to this many characters (arguments joined by spaces).
@@ -205,10 +209,18 @@ class DeliveryLog:
                 self._pending.clear()
                 if not jobs and self._stopping:
                     return
+            began = time.monotonic()
             try:
                 self.process(jobs)
             except Exception:  # the worker must survive anything; these records are lost, the next ones are not
                 log.exception("attributing deliveries failed")
+            # A scan of /proc holds the GIL for milliseconds at a time, which the request threads would feel under
+            # a burst of new connections: rest PAUSE_FACTOR times as long as the batch took (what arrives meanwhile
+            # is looked up by the next scan, all at once), so the worker takes at most 1/(1+PAUSE_FACTOR) of a CPU.
+            pause = min((time.monotonic() - began) * PAUSE_FACTOR, MAX_PAUSE)
+            if pause > 0:
+                with self._pending_changed:
+                    self._pending_changed.wait_for(lambda: self._stopping, timeout=pause)
 
     def process(self, jobs):
         """Attribute a batch of noted deliveries (one /proc scan for all of them), keep them and write them."""
