@@ -30,7 +30,7 @@ SSO_WARN_BEFORE = datetime.timedelta(hours=1)
 def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None, debug=False, report_ready=False,
           keep_sessions=None, bindings_listen=None, state_dir=None, delivery_log=None):
     """Start the service; in the background unless *foreground*, returning once it answers; with *delivery_log*,
-    every credential delivery is also appended to that file (README, "The delivery log")."""
+    every credential delivery is also appended to that file (README, "Who used which role")."""
     import subprocess  # only here: status and export stay light
 
     from imsa.server import process

@@ -13,7 +13,7 @@ who received it happens later, in one worker thread fed by a bounded queue, neve
 
 The service runs as its owner, so it can read the owner's own processes only: another user's process (root's) is
 recorded with its uid alone. A process that is gone, or has closed its connection, before the worker looks is
-recorded as not attributed, with the reason (README, "The delivery log").
+recorded as not attributed, with the reason (README, "Who used which role").
 
 Records hold no secret: the access key id is masked as everywhere else, no token, no session. They are kept in a
 ring of MAX_RECORDS and, when the service was started with ``--delivery-log PATH``, appended to that file as JSON
@@ -69,6 +69,7 @@ INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 
 NOT_SEEN = "the process closed its connection or exited before the lookup"
 QUEUE_FULL = "not attributed: too many deliveries at once"
+NO_PID = "the client's pid is not visible to the service (another PID namespace?)"
 OTHER_USER = "another user's process: the service, running as its owner, can see its uid only"
 
 
@@ -256,6 +257,8 @@ class DeliveryLog:
                 self._attribute_pid(record, pidfd)
             if via_pid is not None:
                 record["via"] = self._describe_pid(via_pid, via_pidfd)
+            if not record["attributed"] and "note" not in record:
+                record["note"] = NO_PID  # a control-plane client whose pid SO_PEERCRED could not give
             _close(pidfd, via_pidfd)
         with self._lock:
             for record, *_rest in jobs:

@@ -507,7 +507,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     if peer_uids is None:
         log.warning("neither sock_diag nor /proc/net/tcp is available: IMDS cannot tell local users apart and "
                     "serves any of them")
-    # Who received which credentials (README, "The delivery log"); the file is opened after the drop, as the user.
+    # Who received which credentials (README, "Who used which role"); the file is opened after the drop, as the user.
     delivery_records = deliveries.DeliveryLog(os.path.abspath(delivery_log) if delivery_log else None)
     info["deliveries"] = delivery_records.status
     info["last_deliveries"] = delivery_records.last_per_profile
