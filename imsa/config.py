@@ -48,7 +48,10 @@ STRING_KEYS = (
 INT_KEYS = ("duration_seconds", "session_duration_seconds", "oidc_duration_seconds")
 # secret_store: true says the profile's keys are in imsa's secret store (imsa/secrets.py), not in this file.
 BOOL_KEYS = ("secret_store",)
-KNOWN_KEYS = STRING_KEYS + INT_KEYS + BOOL_KEYS
+# Fencing (imsa/commands/fence.py): imds: false keeps the profile off the global endpoint (imsa assume refuses it);
+# confirm: true makes exec, export and credential-process ask on the terminal each time.
+FENCE_KEYS = ("imds", "confirm")
+KNOWN_KEYS = STRING_KEYS + INT_KEYS + BOOL_KEYS + FENCE_KEYS
 
 RANGES = {
     "duration_seconds": (MIN_DURATION, MAX_ROLE_DURATION),
@@ -84,6 +87,20 @@ def default_session_name():
 
 
 @dataclass(frozen=True)
+class Fence:
+    """How a profile's credentials may leave: *imds* False never as the global role; *confirm* True only once the
+    person said yes on the terminal."""
+
+    imds: bool = True
+    confirm: bool = False
+
+
+def fence_of(profile):
+    """The Fence of any resolved profile (one of ~/.aws/config has none: it cannot carry the keys)."""
+    return getattr(profile, "fence", None) or Fence()
+
+
+@dataclass(frozen=True)
 class Profile:
     """One resolved profile (``extends`` applied); repr hides the secret."""
 
@@ -101,6 +118,7 @@ class Profile:
     origin: str = ""
     # The profile whose keys the secret store holds (this one or one it extends), or None: plain keys in the file.
     secret_item: str = None
+    fence: Fence = Fence()
     notes = ()
 
     @property
@@ -182,16 +200,19 @@ class Config:
             listed = ", ".join(repr(known) for known in self.names) or "none"
             suffix = f" (did you mean {hint[0]!r}?)" if hint else f" (profiles: {listed})"
             raise ConfigError(f"{self.path}: no profile {name!r}{suffix}")
+        fence = self._fence(name)
+        import dataclasses  # dataclasses.replace: the fence on a source's profile
+
         if any("sso_start_url" in self._raw[ancestor] for ancestor in self._chain(name)):
             from imsa.sources import sso
 
-            chain = [(ancestor, self._raw[ancestor]) for ancestor in reversed(self._chain(name))]
-            return sso.imsa_profile(name, self.origin(name), chain, self._where)
+            chain = self._chain_without_fence(name)
+            return dataclasses.replace(sso.imsa_profile(name, self.origin(name), chain, self._where), fence=fence)
         if any("oidc_discovery_url" in self._raw[ancestor] for ancestor in self._chain(name)):
             from imsa.sources import oidc
 
-            chain = [(ancestor, self._raw[ancestor]) for ancestor in reversed(self._chain(name))]
-            return oidc.imsa_profile(name, self.origin(name), chain, self._where)
+            chain = self._chain_without_fence(name)
+            return dataclasses.replace(oidc.imsa_profile(name, self.origin(name), chain, self._where), fence=fence)
         merged = {}
         owner = None  # the nearest profile of the chain that gave the keys, when it keeps them in the store
         for ancestor in reversed(self._chain(name)):
@@ -200,13 +221,25 @@ class Config:
                 owner = None
             if values.get("secret_store"):
                 owner = ancestor
-            merged.update({k: v for k, v in values.items() if k not in ("extends", "secret_store")})
+            merged.update({k: v for k, v in values.items() if k not in ("extends", "secret_store") + FENCE_KEYS})
         if owner is not None:
             merged.pop("aws_secret_access_key", None)
         for key in ("aws_access_key_id",) if owner else ("aws_access_key_id", "aws_secret_access_key"):
             if not merged.get(key):
                 raise ConfigError(f"{self._where(name)}: missing {key!r} (set it here or in a profile it extends)")
-        return Profile(name=name, origin=self.origin(name), secret_item=owner, **merged)
+        return Profile(name=name, origin=self.origin(name), secret_item=owner, fence=fence, **merged)
+
+    def _chain_without_fence(self, name):
+        """[(profile, its settings without the fencing keys)] of *name*'s ``extends`` chain, farthest first."""
+        return [(ancestor, {k: v for k, v in self._raw[ancestor].items() if k not in FENCE_KEYS})
+                for ancestor in reversed(self._chain(name))]
+
+    def _fence(self, name):
+        """The fencing keys of *name*, each from the nearest profile of its ``extends`` chain that sets it."""
+        values = {}
+        for ancestor in reversed(self._chain(name)):
+            values.update({key: value for key, value in self._raw[ancestor].items() if key in FENCE_KEYS})
+        return Fence(**values)
 
     def plain_keys(self):
         """The profiles that hold a secret key in this file, in plain text."""
@@ -338,6 +371,10 @@ def _shown(key, value):
 
 def _check_value(key, value):
     """The problem with one key's value, or None."""
+    if key in FENCE_KEYS:
+        if not isinstance(value, bool):
+            return f"must be true or false, not {_shown(key, value)}"
+        return None
     if key in BOOL_KEYS:
         if value is not True:
             return f"must be true (leave it out when the keys are in this file), not {value!r}"

@@ -202,12 +202,19 @@ def region_advice(profile, environ=None):
     return None
 
 
-def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None):
-    """(profile, Credentials) without touching what IMDS serves; direct STS calls when no service runs."""
+def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None, way=None,
+                        command=None):
+    """(profile, Credentials) without touching what IMDS serves; direct STS calls when no service runs. *way* names
+    the command in the service's delivery log; for a ``confirm: true`` profile, *command* is what the person is
+    asked to let have the credentials (imsa/commands/fence.py)."""
     from imsa import sts
 
     io = io or Io()
     profile = load_profile(name, io)
+    if command:
+        from imsa.commands import fence
+
+        fence.confirm(profile, command)
     client = client or Client()
     mfa = mfa_codes(profile, mfa_token, prompt)
     factory = sts_factory or sts.sts_client
@@ -227,7 +234,7 @@ def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None,
         if not profile.role_arn:
             return profile, session
         return profile, mint(profile, session, dict(profile.role_spec(), sts=settings), factory)
-    return profile, Credentials.from_json(client.credentials(profile.role_spec()))
+    return profile, Credentials.from_json(client.credentials(profile.role_spec(), way=way))
 
 
 def shadowing_warnings(environ=None, home=None, listen=None):

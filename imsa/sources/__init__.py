@@ -104,6 +104,8 @@ class Profile:
     hops: tuple = ()
     region: str = None
     notes: tuple = ()
+    # config.Fence of a ~/.imsa profile (imds, confirm); None: no fencing (a profile of ~/.aws/config).
+    fence: object = None
 
     @property
     def role_arn(self):
@@ -123,7 +125,7 @@ class Profile:
 def role_spec(profile):
     """The control plane's RoleSpec of any resolved *profile* (name, origin, fingerprint, hops, region)."""
     final = profile.hops[-1] if profile.hops else None
-    return {
+    spec = {
         "profile": profile.name,
         "fingerprint": profile.fingerprint,
         "role_arn": final.role_arn if final else None,
@@ -134,3 +136,7 @@ def role_spec(profile):
         "via": [hop.to_json() for hop in profile.hops[:-1]],
         "origin": profile.origin,
     }
+    fence = getattr(profile, "fence", None)
+    if fence is not None and not fence.imds:
+        spec["imds"] = False  # only then: a service that predates fencing refuses the field rather than ignore it
+    return spec
