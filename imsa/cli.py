@@ -107,6 +107,8 @@ def build_parser():
                        help="serve the bindings of imsa bind there: 127.0.0.1:PORT (full URIs) and/or "
                             "169.254.170.2:80 (relative URIs); may be given twice")
     start.add_argument("--state-dir", metavar="DIR", help="where bindings are kept (default ~/.local/state/imsa)")
+    start.add_argument("--delivery-log", metavar="PATH",
+                       help="also append each credential delivery to PATH (0600, rotated; default: memory only)")
 
     command("stop", "stop the service", "imsa stop", (EXIT_OK, EXIT_ERROR, EXIT_SERVICE), run="service.stop")
 
@@ -116,6 +118,14 @@ def build_parser():
     status.add_argument("--json", action="store_true", dest="as_json", help="print JSON")
     status.add_argument("--short", action="store_true",
                         help="one line for a shell prompt: the profile and the time left before its session ends")
+
+    delivery_log = command("log", "show which process received which profile's credentials, and how",
+                           "imsa log --follow --profile admin", (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SERVICE),
+                           run="log.show_log")
+    delivery_log.add_argument("--follow", action="store_true", help="keep showing new deliveries until Ctrl-C")
+    delivery_log.add_argument("--profile", metavar="PROFILE", help="this profile's deliveries only"
+                              ).completer = _complete_profiles
+    delivery_log.add_argument("--json", action="store_true", dest="as_json", help="one JSON object a line")
 
     listing = command("list", "list every profile: its file, source, role, region and whether a session is held",
                       "imsa list --json", (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG), run="profiles.list_profiles")

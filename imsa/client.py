@@ -86,6 +86,11 @@ def parse_answer(raw):
     return int(status_line[1]), body
 
 
+def _address(ip):
+    """*ip* as it goes in a query: IPv6 in brackets, so that the port after the last colon is unambiguous."""
+    return f"[{ip}]" if ":" in str(ip) else str(ip)
+
+
 class Client:
     """Talks to the service of the current user."""
 
@@ -154,9 +159,23 @@ class Client:
         """Make the profile of *spec* the one IMDS serves."""
         return self._call("POST", "/activate", spec)
 
-    def credentials(self, spec):
-        """Credentials for *spec* without changing what IMDS serves."""
-        return self._call("POST", "/credentials", spec)
+    def credentials(self, spec, way=None, served=None):
+        """Credentials for *spec* without changing what IMDS serves. *way* names the command they are for in the
+        service's delivery log (export, console, ...); *served*, for ``imsa exec``'s endpoint, is the (client,
+        server) pair of (ip, port) of the command's connection, so that the service can tell which process it is."""
+        query = []
+        if way:
+            query.append(f"way={way}")
+        if served:
+            query += [f"{name}={_address(ip)}:{port}" for name, (ip, port) in zip(("client", "server"), served)]
+        return self._call("POST", "/credentials" + ("?" + "&".join(query) if query else ""), spec)
+
+    def deliveries(self, after=0, profile=None):
+        """The service's delivery records after number *after* (of *profile* only): {deliveries, last}."""
+        from urllib.parse import quote
+
+        route = f"/deliveries?after={int(after)}" + (f"&profile={quote(profile, safe='')}" if profile else "")
+        return self._call("GET", route)
 
     def create_binding(self, spec):
         """Register this process as an ``imsa exec`` running *spec* (the service keeps it rotated): {id, expiration}."""

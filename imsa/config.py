@@ -2,6 +2,11 @@
 
 A name is looked up in ``~/.imsa`` first, then in ``~/.aws/config`` (imsa/sources/aws_config.py), which is read only
 when ~/.imsa does not have the name: the profiles of ~/.imsa never pay for botocore's loader.
+
+Under ~/.imsa lie the organisation's defaults: the ``*.yaml`` files of the system directory
+(``imsa.paths.system_config_dir()``, /etc/imsa), in ~/.imsa's form, which a package or an MDM installs. They are
+merged under the user's file profile by profile, key by key: the user's value wins, a profile of the organisation's
+can be extended by the user's, and every setting remembers the file it came from (``imsa list``).
 """
 
 # difflib, getpass and hashlib are imported where they are used: imsa status and imsa export import this module.
@@ -33,16 +38,26 @@ STRING_KEYS = (
     "sso_registration_scopes",
     "sso_session",
     "sso_cache",
+    # An OIDC provider for web identity (imsa/sources/oidc.py).
+    "oidc_discovery_url",
+    "oidc_client_id",
+    "oidc_scopes",
+    "oidc_roles_url",
     "extends",
 )
-INT_KEYS = ("duration_seconds", "session_duration_seconds")
+INT_KEYS = ("duration_seconds", "session_duration_seconds", "oidc_duration_seconds")
 # secret_store: true says the profile's keys are in imsa's secret store (imsa/secrets.py), not in this file.
 BOOL_KEYS = ("secret_store",)
-KNOWN_KEYS = STRING_KEYS + INT_KEYS + BOOL_KEYS
+# Fencing (imsa/commands/fence.py): imds: false keeps the profile off the global endpoint (imsa assume refuses it);
+# confirm: true makes exec, export and credential-process ask on the terminal each time.
+FENCE_KEYS = ("imds", "confirm")
+KNOWN_KEYS = STRING_KEYS + INT_KEYS + BOOL_KEYS + FENCE_KEYS
 
 RANGES = {
     "duration_seconds": (MIN_DURATION, MAX_ROLE_DURATION),
     "session_duration_seconds": (MIN_DURATION, MAX_SESSION_DURATION),
+    # What AssumeRoleWithWebIdentity allows (a role's MaxSessionDuration is at most 12 hours).
+    "oidc_duration_seconds": (MIN_DURATION, 12 * 3600),
 }
 # Keys people carry over from other files, and what ~/.imsa calls them (difflib finds neither).
 RENAMED_KEYS = {
@@ -72,6 +87,20 @@ def default_session_name():
 
 
 @dataclass(frozen=True)
+class Fence:
+    """How a profile's credentials may leave: *imds* False never as the global role; *confirm* True only once the
+    person said yes on the terminal."""
+
+    imds: bool = True
+    confirm: bool = False
+
+
+def fence_of(profile):
+    """The Fence of any resolved profile (one of ~/.aws/config has none: it cannot carry the keys)."""
+    return getattr(profile, "fence", None) or Fence()
+
+
+@dataclass(frozen=True)
 class Profile:
     """One resolved profile (``extends`` applied); repr hides the secret."""
 
@@ -89,6 +118,7 @@ class Profile:
     origin: str = ""
     # The profile whose keys the secret store holds (this one or one it extends), or None: plain keys in the file.
     secret_item: str = None
+    fence: Fence = Fence()
     notes = ()
 
     @property
@@ -124,23 +154,42 @@ class Profile:
 
 
 class Config:
-    """All profiles of one file, validated."""
+    """All profiles of one file (with the organisation's defaults under it), validated."""
 
-    def __init__(self, path, raw, lines):
+    def __init__(self, path, raw, lines, origins=None):
         self.path = path
         self._raw = raw
         self._lines = lines
+        # {(profile, key or None): the file that set it}: the user's file unless the organisation's gave it.
+        self._origins = origins or {}
         self.names = sorted(raw)
 
+    def _file_of(self, profile, key=None):
+        return self._origins.get((profile, key)) or self._origins.get((profile, None)) or self.path
+
     def _where(self, profile, key=None):
-        line = self._lines.get((profile, key)) or self._lines.get((profile, None))
-        where = f"{self.path}"
+        path = self._file_of(profile, key)
+        line = self._lines.get((path, profile, key)) or self._lines.get((path, profile, None))
+        where = f"{path}"
         if line:
             where += f":{line}"
         where += f": profile {profile!r}"
         if key:
             where += f", key {key!r}"
         return where
+
+    def origin(self, name):
+        """The file that defines profile *name*: the user's when it sets anything of it, else the organisation's."""
+        return self._file_of(name)
+
+    def settings_origins(self, name):
+        """{key: the file that set it} of profile *name* with its ``extends`` applied (``imsa list``)."""
+        found = {}
+        for ancestor in reversed(self._chain(name)):
+            for key in self._raw[ancestor]:
+                if key != "extends":
+                    found[key] = self._file_of(ancestor, key)
+        return found
 
     def get(self, name):
         """The resolved profile *name*; ConfigError if unknown or incomplete."""
@@ -151,11 +200,19 @@ class Config:
             listed = ", ".join(repr(known) for known in self.names) or "none"
             suffix = f" (did you mean {hint[0]!r}?)" if hint else f" (profiles: {listed})"
             raise ConfigError(f"{self.path}: no profile {name!r}{suffix}")
+        fence = self._fence(name)
+        import dataclasses  # dataclasses.replace: the fence on a source's profile
+
         if any("sso_start_url" in self._raw[ancestor] for ancestor in self._chain(name)):
             from imsa.sources import sso
 
-            chain = [(ancestor, self._raw[ancestor]) for ancestor in reversed(self._chain(name))]
-            return sso.imsa_profile(name, self.path, chain, self._where)
+            chain = self._chain_without_fence(name)
+            return dataclasses.replace(sso.imsa_profile(name, self.origin(name), chain, self._where), fence=fence)
+        if any("oidc_discovery_url" in self._raw[ancestor] for ancestor in self._chain(name)):
+            from imsa.sources import oidc
+
+            chain = self._chain_without_fence(name)
+            return dataclasses.replace(oidc.imsa_profile(name, self.origin(name), chain, self._where), fence=fence)
         merged = {}
         owner = None  # the nearest profile of the chain that gave the keys, when it keeps them in the store
         for ancestor in reversed(self._chain(name)):
@@ -164,17 +221,30 @@ class Config:
                 owner = None
             if values.get("secret_store"):
                 owner = ancestor
-            merged.update({k: v for k, v in values.items() if k not in ("extends", "secret_store")})
+            merged.update({k: v for k, v in values.items() if k not in ("extends", "secret_store") + FENCE_KEYS})
         if owner is not None:
             merged.pop("aws_secret_access_key", None)
         for key in ("aws_access_key_id",) if owner else ("aws_access_key_id", "aws_secret_access_key"):
             if not merged.get(key):
                 raise ConfigError(f"{self._where(name)}: missing {key!r} (set it here or in a profile it extends)")
-        return Profile(name=name, origin=self.path, secret_item=owner, **merged)
+        return Profile(name=name, origin=self.origin(name), secret_item=owner, fence=fence, **merged)
+
+    def _chain_without_fence(self, name):
+        """[(profile, its settings without the fencing keys)] of *name*'s ``extends`` chain, farthest first."""
+        return [(ancestor, {k: v for k, v in self._raw[ancestor].items() if k not in FENCE_KEYS})
+                for ancestor in reversed(self._chain(name))]
+
+    def _fence(self, name):
+        """The fencing keys of *name*, each from the nearest profile of its ``extends`` chain that sets it."""
+        values = {}
+        for ancestor in reversed(self._chain(name)):
+            values.update({key: value for key, value in self._raw[ancestor].items() if key in FENCE_KEYS})
+        return Fence(**values)
 
     def plain_keys(self):
         """The profiles that hold a secret key in this file, in plain text."""
-        return [name for name in self.names if self._raw[name].get("aws_secret_access_key")]
+        return [name for name in self.names if self._raw[name].get("aws_secret_access_key")
+                and self._file_of(name, "aws_secret_access_key") == self.path]
 
     def _chain(self, name):
         chain = [name]
@@ -301,6 +371,10 @@ def _shown(key, value):
 
 def _check_value(key, value):
     """The problem with one key's value, or None."""
+    if key in FENCE_KEYS:
+        if not isinstance(value, bool):
+            return f"must be true or false, not {_shown(key, value)}"
+        return None
     if key in BOOL_KEYS:
         if value is not True:
             return f"must be true (leave it out when the keys are in this file), not {value!r}"
@@ -328,23 +402,72 @@ def _check_value(key, value):
     return None
 
 
-def load(path=None, warn=None):
-    """Read and validate the whole file; ConfigError names file, line, profile and key of the first problem."""
-    import yaml
+# The organisation's files: YAML in ~/.imsa's form, directly in the system directory (its subdirectories, such as
+# the system mode's own, are not read).
+SYSTEM_SUFFIXES = (".yaml", ".yml")
 
-    path = path or config_path()
+
+def system_files(environ=None):
+    """The organisation's default files, sorted by name (a later file's value wins), each checked to be root's and
+    writable by root only; [] when the system directory does not exist."""
+    from imsa import paths
+
+    directory = paths.system_config_dir(environ)
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise ConfigError(f"{directory}: cannot read the organisation's defaults: {error.strerror}") from None
+    _check_system_owner(directory, info)
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as error:
+        raise ConfigError(f"{directory}: cannot read the organisation's defaults: {error.strerror}") from None
+    found = []
+    for name in names:
+        path = os.path.join(directory, name)
+        if name.endswith(SYSTEM_SUFFIXES) and not name.startswith(".") and os.path.isfile(path):
+            found.append(path)
+    return found
+
+
+def _check_system_owner(path, info):
+    """ConfigError unless *path* (its stat *info*) belongs to root and nobody else may write it.
+
+    The organisation's files choose where people sign in (an OIDC provider's discovery URL, a start URL) and which
+    roles they get: a file that another local user, or any process of the user, could rewrite would let it send the
+    next sign-in, and the token it yields, to a server of its choosing, under the organisation's name. What a
+    package or an MDM installs is root's and 0644 (a directory 0755): that is what is accepted.
+    """
+    if info.st_uid != 0 or stat.S_IMODE(info.st_mode) & 0o022:
+        mode = stat.S_IMODE(info.st_mode)
+        raise ConfigError(f"{path}: the organisation's defaults must belong to root and be writable by root only "
+                          f"(it is owned by uid {info.st_uid}, mode {mode:04o}); run: sudo chown root: {path} && "
+                          f"sudo chmod go-w {path}")
+
+
+def _read(path, system=False):
+    """(text, mode) of the file at *path*; a file of the organisation's must pass _check_system_owner."""
     try:
         with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-            mode = os.fstat(handle.fileno()).st_mode
+            info = os.fstat(handle.fileno())
+            if system:
+                _check_system_owner(path, info)
+            return handle.read(), info.st_mode
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file; create it with your profiles (see README, Configuration)") from None
+        raise
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    if warn and stat.S_IMODE(mode) & 0o077:
-        warn(f"imsa: warning: {path} holds long-term keys and is readable by others; run: chmod 600 {path}")
+
+
+def _parse(path, text, system=False):
+    """(profiles, {(path, profile, key or None): line}, problems) of one file's *text*; ConfigError for a file
+    that is not a YAML mapping at all."""
+    import yaml
+
     try:
         raw = yaml.load(text, Loader=_unique_key_loader())
     except _DuplicateKey as duplicate:
@@ -360,11 +483,12 @@ def load(path=None, warn=None):
     if not isinstance(raw, dict):
         _refuse_ini(path, text)
         raise ConfigError(f"{path}: must be a mapping of profile names to settings, not {type(raw).__name__}")
-    config = Config(path, {}, _line_numbers(text))
+    lines = {(path,) + place: line for place, line in _line_numbers(text).items()}
+    config = Config(path, {}, lines)
     problems = []
     for name, settings in raw.items():
         if not isinstance(name, str):
-            line = config._lines.get((name, None))
+            line = lines.get((path, name, None))
             where = f"{path}:{line}" if line else path
             problems.append(f"{where}: this profile name is read by YAML as {type(name).__name__} {name!r}, not as "
                             "text; put it in quotes")
@@ -382,9 +506,50 @@ def load(path=None, warn=None):
             problem = _check_value(key, value)
             if problem:
                 problems.append(f"{config._where(name, key)}: {problem}")
+        if system and "aws_secret_access_key" in settings:
+            problems.append(f"{config._where(name, 'aws_secret_access_key')}: the organisation's defaults are "
+                            "readable by everyone and must hold no secret key")
         if settings.get("secret_store") and "aws_secret_access_key" in settings:
             problems.append(f"{config._where(name, 'aws_secret_access_key')}: the profile keeps its keys in the "
                             "secret store (secret_store: true); remove the plain-text key")
+    return raw, lines, problems
+
+
+def load(path=None, warn=None, missing_ok=False, environ=None):
+    """Read and validate the whole file over the organisation's defaults (system_files); ConfigError names file,
+    line, profile and key of the first problem. With *missing_ok* a missing file is no error: the defaults alone,
+    or None when there are none either."""
+    path = path or config_path()
+    layers = []
+    for system_path in system_files(environ):
+        try:
+            text, _ = _read(system_path, system=True)
+        except FileNotFoundError:
+            continue  # removed since the directory was listed
+        layers.append((system_path, _parse(system_path, text, system=True)))
+    try:
+        text, mode = _read(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise ConfigError(f"{path}: no such file; create it with your profiles (see README, Configuration)") \
+                from None
+        if not layers:
+            return None
+    else:
+        if warn and stat.S_IMODE(mode) & 0o077:
+            warn(f"imsa: warning: {path} holds long-term keys and is readable by others; run: chmod 600 {path}")
+        layers.append((path, _parse(path, text)))
+    raw, lines, origins, problems = {}, {}, {}, []
+    for layer_path, (layer_raw, layer_lines, layer_problems) in layers:
+        problems.extend(layer_problems)
+        lines.update(layer_lines)
+        for name, settings in layer_raw.items():
+            if not isinstance(name, str) or not isinstance(settings, dict):
+                continue  # already a problem
+            raw.setdefault(name, {}).update(settings)  # key by key: the later file's value wins
+            origins[(name, None)] = layer_path
+            origins.update({(name, key): layer_path for key in settings})
+    config = Config(path, raw, lines, origins)
     if not problems:
         for name, settings in raw.items():
             parent = settings.get("extends")
@@ -395,8 +560,6 @@ def load(path=None, warn=None):
     if problems:
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
         raise ConfigError(problems[0] + more)
-    config._raw = raw
-    config.names = sorted(raw)
     return config
 
 
@@ -467,7 +630,19 @@ def profile_names(path=None):
     """
     if path is not None:
         return _imsa_names(path)
-    return sorted(set(_imsa_names()) | set(_aws_names()))
+    return sorted(set(_imsa_names()) | set(_system_names()) | set(_aws_names()))
+
+
+def _system_names():
+    """The organisation's profile names (the files' checks are for the commands that use them), or none."""
+    try:
+        from imsa import paths
+
+        directory = paths.system_config_dir()
+        files = [os.path.join(directory, name) for name in os.listdir(directory) if name.endswith(SYSTEM_SUFFIXES)]
+    except Exception:  # completion must never fail loudly
+        return []
+    return [name for path in files for name in _imsa_names(path)]
 
 
 def _aws_names():
@@ -501,11 +676,21 @@ def _imsa_names(path=None):
 
 
 def input_paths(environ=None):
-    """Every file resolve() may read, in order: the parsed-profile cache (imsa/profile_cache.py) is keyed by their
-    identities, so a file added to resolution is added here."""
+    """Every file resolve() may read, in order — ~/.imsa, the organisation's directory and its files
+    (system_files' names, unchecked here), the AWS config files: the parsed-profile cache (imsa/profile_cache.py)
+    is keyed by their identities, so a file added to resolution is added here. The directory itself is there
+    because a file added to it, removed or replaced changes it."""
+    from imsa import paths
     from imsa.sources import aws_config
 
-    return [config_path(), *aws_config.file_paths(environ)]
+    directory = paths.system_config_dir(environ)
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:  # none (the usual case), or unreadable: resolve() says so
+        names = []
+    system = [os.path.join(directory, name) for name in names
+              if name.endswith(SYSTEM_SUFFIXES) and not name.startswith(".")]
+    return [config_path(), directory, *system, *aws_config.file_paths(environ)]
 
 
 def resolve(name, warn=None, environ=None):
@@ -535,20 +720,15 @@ def resolve(name, warn=None, environ=None):
 
 
 def _load_if_present(path, warn):
-    """The validated file at *path*, or None when there is none; a file that is there but cannot be read or is
-    invalid is an error (ConfigError), never taken for a missing one."""
-    try:
-        os.stat(path)
-    except FileNotFoundError:
-        return None
-    except OSError:
-        pass  # load() names the problem (a directory that may not be searched, ...)
-    return load(path, warn=warn)
+    """The validated file at *path* over the organisation's defaults, or None when there is neither; a file that is
+    there but cannot be read or is invalid is an error (ConfigError), never taken for a missing one."""
+    return load(path, warn=warn, missing_ok=True)
 
 
 def catalog(warn=None, environ=None):
     """Every profile name of both files: a list of (name, the file that defines it, Profile or the ConfigError that
-    resolving it gave, the file whose profile of that name it shadows or None). ~/.imsa's own errors stop everything, as they do for
+    resolving it gave, the file whose profile of that name it shadows or None, {setting: the file it came from} for
+    ~/.imsa's profiles (the organisation's defaults under them) or None). ~/.imsa's own errors stop everything, as they do for
     every command; one bad ~/.aws/config profile is reported in its row."""
     from imsa.sources import aws_config
 
@@ -563,5 +743,6 @@ def catalog(warn=None, environ=None):
         except ConfigError as error:
             profile = error
         shadowed = files.config_path if in_imsa and name in files.profiles else None
-        rows.append((name, path if in_imsa else files.origin(name), profile, shadowed))
+        origins = imsa_config.settings_origins(name) if in_imsa else None
+        rows.append((name, imsa_config.origin(name) if in_imsa else files.origin(name), profile, shadowed, origins))
     return rows

@@ -731,7 +731,7 @@ class FakeClient:
     def revoke_binding(self, binding_id):
         return {"revoked": binding_id}
 
-    def credentials(self, spec):
+    def credentials(self, spec, **_delivery):
         if isinstance(self.answer, Exception):
             raise self.answer
         return self.answer.to_json()

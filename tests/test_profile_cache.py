@@ -8,6 +8,9 @@ import stat
 import subprocess
 import sys
 
+import pytest
+import yaml
+
 from conftest import MFA_CODE, alice_profiles, run_imsa, write_profiles
 
 # What the full command imports and the fast path must not (scripts/bench.py, README "Performance").
@@ -101,3 +104,19 @@ def test_without_a_session_the_full_path_asks_for_mfa_as_always(service, isolate
     done = run_imsa("export", "a", "--mfa-token", MFA_CODE)  # cached profile, no session: a new one is made
     assert done.returncode == 0, done.stderr
     assert "new MFA session" in done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the organisation's files must be root's")
+def test_a_file_the_organisation_adds_is_in_the_cache_key(active_service, isolated_env, tmp_path):
+    assert run_imsa("export", "a").returncode == 0  # cached while the system directory does not exist
+    system = tmp_path / "etc-imsa"
+    system.mkdir(mode=0o755)
+    system.chmod(0o755)
+    (system / "org.yaml").write_text(yaml.safe_dump({"a": {"region": "eu-central-1"}}))
+    (system / "org.yaml").chmod(0o644)
+    done = run_imsa("export", "a")
+    assert done.returncode == 0, done.stderr
+    assert "export AWS_REGION=eu-central-1" in done.stdout.splitlines()
+    (system / "org.yaml").write_text(yaml.safe_dump({"a": {"region": "eu-north-1"}}))  # edited in place
+    done = run_imsa("export", "a")
+    assert "export AWS_REGION=eu-north-1" in done.stdout.splitlines()

@@ -42,9 +42,10 @@ class Io:
         self.err.flush()
 
 
-def load_profile(name, io):
+def load_profile(name, io, pick=True):
     """Profile *name* from ~/.imsa, else from the AWS config files; the permission warning and the profile's notes
-    (a duration cut to the role-chaining hour) go to *io*."""
+    (a duration cut to the role-chaining hour) go to *io*. With *pick*, a profile whose role is picked at sign-in
+    (an OIDC profile without role_arn) gets it now; commands that need the source only pass False."""
     from imsa import profile_cache
 
     expiry.warn_before()  # a bad IMSA_WARN_BEFORE is said before anything is asked or made
@@ -56,6 +57,8 @@ def load_profile(name, io):
         io.say(text)
 
     profile = config.resolve(name, warn=warn)
+    if pick and not profile.role_arn and hasattr(profile.source, "pick_role"):  # a role picked at sign-in (OIDC)
+        profile = profile.source.pick_role(profile, io)
     for note in profile.notes:
         io.say(f"imsa: note: {note}")
     if not said:  # a cached answer would skip what was said: only a quiet resolution is cached
@@ -210,12 +213,19 @@ def region_advice(profile, environ=None):
     return None
 
 
-def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None):
-    """(profile, Credentials) without touching what IMDS serves; direct STS calls when no service runs."""
+def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=None, way=None,
+                        command=None):
+    """(profile, Credentials) without touching what IMDS serves; direct STS calls when no service runs. *way* names
+    the command in the service's delivery log; for a ``confirm: true`` profile, *command* is what the person is
+    asked to let have the credentials (imsa/commands/fence.py)."""
     from imsa import sts
 
     io = io or Io()
     profile = load_profile(name, io)
+    if command:
+        from imsa.commands import fence
+
+        fence.confirm(profile, command)
     client = client or Client()
     mfa = mfa_codes(profile, mfa_token, prompt)
     factory = sts_factory or sts.sts_client
@@ -235,7 +245,7 @@ def profile_credentials(name, mfa_token=None, io=None, client=None, prompt=None,
         if not profile.role_arn:
             return profile, session
         return profile, mint(profile, session, dict(profile.role_spec(), sts=settings), factory)
-    return profile, Credentials.from_json(client.credentials(profile.role_spec()))
+    return profile, Credentials.from_json(client.credentials(profile.role_spec(), way=way))
 
 
 def shadowing_warnings(environ=None, home=None, listen=None):

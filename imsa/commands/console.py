@@ -111,7 +111,8 @@ def console(name, print_url=False, duration=None, destination=None, mfa_token=No
             f"credentials such a profile gets; use a profile with role_arn"
         )
     signin_url, default_destination = _endpoints(profile)
-    _, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
+    _, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory, way="console",
+                                   command=f"imsa console {name}")
     token = signin_token(signin_url, creds, duration, opener)
     url = login_url(signin_url, token, destination or default_destination)
     if print_url:

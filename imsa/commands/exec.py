@@ -17,6 +17,7 @@ import threading
 
 from imsa import sts
 from imsa.client import Client
+from imsa.commands import fence
 from imsa.commands.common import (
     Io, auto_profile, default_profile_has_keys, describe_left, ensure_session, load_profile, mfa_codes,
     profile_credentials, warn_if_ending,
@@ -135,6 +136,7 @@ def exec_command(name, argv, mode=None, mfa_token=None, io=None, client=None, pr
     shell_only = not argv  # as aws-vault does: a shell with the role, until it exits
     if shell_only:
         argv = [environ.get("SHELL") or DEFAULT_SHELL]
+    fence.confirm(profile, f"imsa exec {name} -- {shlex.join(argv)}")
     outer = environ.get("IMSA_PROFILE")
     if outer:
         io.say(f"imsa: nested exec: {name} (inner) wins over {outer} (outer) for this command")
@@ -144,7 +146,7 @@ def exec_command(name, argv, mode=None, mfa_token=None, io=None, client=None, pr
     client = client or Client()
 
     if mode == "static":
-        profile, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
+        profile, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory, way="exec")
         io.say(
             f"imsa: static credentials for {name}, valid until {format_time(creds.expiration)} "
             f"({describe_left(creds.expiration)}) and not refreshed; use --mode ecs for longer commands"
@@ -213,14 +215,15 @@ class ServiceCredentials:
         except ImsaError as error:
             log.info("revoking binding %s: %s", binding, error)
 
-    def __call__(self):
-        """Credentials for the profile now; container.Unavailable with the command to run when there are none."""
+    def __call__(self, served=None):
+        """Credentials for the profile now; container.Unavailable with the command to run when there are none.
+        *served* is the connection of the command's request, for the service's delivery log."""
         from imsa.server.container import Unavailable
 
         name = self._spec["profile"]
         try:
             self.register()
-            return Credentials.from_json(self._client.credentials(self._spec))
+            return Credentials.from_json(self._client.credentials(self._spec, way="exec", served=served))
         except ServiceNotRunning:
             with self._lock:
                 self._binding = None  # whatever service starts next knows nothing of this exec
@@ -273,12 +276,13 @@ def credential_process(name, io=None, client=None, prompt=None, sts_factory=None
     io = io or Io()
     name, _mode = auto_profile(name, confirm_trust, io, "imsa credential-process {options} auto")
     profile = load_profile(name, io)
+    fence.confirm(profile, f"imsa credential-process {name}")
     client = client or Client()
     mfa = mfa_codes(profile, None, prompt or TerminalOnlyPrompt(name))
     factory = sts_factory or sts.sts_client
     try:
         ensure_session(profile, client, mfa, io, factory)
-        creds = Credentials.from_json(client.credentials(profile.role_spec()))
+        creds = Credentials.from_json(client.credentials(profile.role_spec(), way="credential-process"))
     except ServiceNotRunning as error:
         needs_person = profile.source.needs_person
         if needs_person and prompt is None and not _terminal_available():

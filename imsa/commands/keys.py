@@ -303,7 +303,7 @@ def logout(name=None, every=False, io=None, client=None):
     io = io or Io()
     if bool(name) == bool(every):
         raise UsageError("name one PROFILE, or --all: imsa logout PROFILE | imsa logout --all")
-    fingerprint = None if every else load_profile(name, io).fingerprint
+    fingerprint = None if every else load_profile(name, io, pick=False).fingerprint
     client = client or Client()
     try:
         forgotten = client.forget_sessions(fingerprint)["forgotten"]

@@ -21,8 +21,8 @@ def held_sessions(client):
 def rows(sessions, warn=None, environ=None):
     """One JSON-ready row per profile name of ~/.imsa and the AWS config files (no secret in any)."""
     found = []
-    for name, origin, profile, shadows in config.catalog(warn=warn, environ=environ):
-        row = {"name": name, "origin": origin, "shadows": shadows}
+    for name, origin, profile, shadows, settings in config.catalog(warn=warn, environ=environ):
+        row = {"name": name, "origin": origin, "shadows": shadows, "settings": settings}
         if isinstance(profile, ConfigError):
             row["error"] = str(profile)
         else:
@@ -33,6 +33,16 @@ def rows(sessions, warn=None, environ=None):
             )
         found.append(row)
     return found
+
+
+def organisation_notes(row):
+    """What *row*'s profile takes from files other than its own (the organisation's defaults): one note per file."""
+    by_file = {}
+    for key, path in sorted((row.get("settings") or {}).items()):
+        if path != row["origin"]:
+            by_file.setdefault(path, []).append(key)
+    return [f"{row['name']}: {', '.join(keys)} from {shown_path(path)} (the organisation's defaults)"
+            for path, keys in by_file.items()]
 
 
 def list_profiles(as_json=False, io=None, client=None, environ=None, sso=None):
@@ -64,6 +74,7 @@ def list_profiles(as_json=False, io=None, client=None, environ=None, sso=None):
         table.append((row["name"], shown_path(row["origin"]), row["source"], role, row["region"] or "-", session))
         if row["shadows"]:
             notes.append(f"{row['name']} in {shown_path(row['shadows'])} is shadowed by {shown_path(row['origin'])}")
+        notes.extend(organisation_notes(row))
     widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
     text = "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table)
     io.data(text + "\n")

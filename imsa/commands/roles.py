@@ -3,6 +3,7 @@
 import os
 
 from imsa.client import Client
+from imsa.commands import fence
 from imsa.commands.common import (
     Io, auto_profile, describe_left, endpoint_warnings, ensure_session, load_profile, mfa_codes, profile_credentials,
     record_region, region_advice, shown_path, warn_if_ending,
@@ -20,6 +21,7 @@ def assume(name, mfa_token=None, io=None, client=None, prompt=None, sts_factory=
 
         name = choose_profile("assume", client)
     profile = load_profile(name, io)
+    fence.refuse_global(profile)
     running = client.status()  # fail fast (exit 5) before asking for an MFA code
     ensure_session(profile, client, mfa_codes(profile, mfa_token, prompt), io, sts_factory)
     result = client.activate(profile.role_spec())
@@ -75,7 +77,8 @@ def export(name, fmt="sh", mfa_token=None, io=None, client=None, prompt=None, st
     target = None
     if to_credentials_file is not None:  # checked before an MFA code is asked for
         target = _credentials_target(name, to_credentials_file or name, path, environ)
-    profile, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory)
+    profile, creds = profile_credentials(name, mfa_token, io, client, prompt, sts_factory, way="export",
+                                         command=f"imsa export {name}")
     again = f"run imsa export {name} again before then" if to_credentials_file is None else \
         "they are not refreshed: write them again before then"
     warn_if_ending(io, f"the credentials of {profile.name}", creds.expiration, again)

@@ -28,8 +28,9 @@ SSO_WARN_BEFORE = datetime.timedelta(hours=1)
 
 
 def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None, debug=False, report_ready=False,
-          keep_sessions=None, bindings_listen=None, state_dir=None):
-    """Start the service; in the background unless *foreground*, returning once it answers."""
+          keep_sessions=None, bindings_listen=None, state_dir=None, delivery_log=None):
+    """Start the service; in the background unless *foreground*, returning once it answers; with *delivery_log*,
+    every credential delivery is also appended to that file (README, "Who used which role")."""
     import subprocess  # only here: status and export stay light
 
     from imsa.server import process
@@ -41,7 +42,7 @@ def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None,
         process.configure_logging()
         return process.run(listen=listen, allow_imdsv1=allow_imdsv1, user=user, report_ready=report_ready,
                            keep_sessions=keep_sessions, bindings_listen=bindings_listen or (),
-                           state_dir=state_dir)
+                           state_dir=state_dir, delivery_log=delivery_log)
     process.target_user(user)  # a usage error (root without a user to serve) is said here, not by the child
     if os.geteuid() == 0:
         for warning in process.writable_code_warnings():
@@ -70,6 +71,8 @@ def start(listen=None, allow_imdsv1=False, foreground=False, user=None, io=None,
         argv += ["--bindings-listen", address]
     if state_dir:
         argv += ["--state-dir", os.path.abspath(state_dir)]
+    if delivery_log:
+        argv += ["--delivery-log", os.path.abspath(delivery_log)]
     child = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/",
         start_new_session=True, close_fds=True,
@@ -233,6 +236,11 @@ def status(as_json=False, short=False, io=None, client=None):
             soon = ", ending soon" if held.get("ending") and held.get("valid") else ""
             lines.append(f"held:       {held.get('source') or held['fingerprint'][:8]}, until {held['expiration']} "
                          f"({describe_left(end)}{soon})")
+        if data.get("last_deliveries"):
+            from imsa.commands.log import receiver
+
+            for name, record in sorted(data["last_deliveries"].items()):
+                lines.append(f"delivered:  {name} by {record['way']} at {record['time']} to {receiver(record)}")
         io.data("\n".join(lines) + "\n")
         for warning in warnings:
             io.say(f"imsa: warning: {warning}")

@@ -186,7 +186,7 @@ class Endpoint:
         try:
             if problem is not None:
                 raise _Refusal(problem, "InvalidRequest", HTTPStatus(problem).phrase)
-            status, body = self._answer(peer, uid, *_parse_head(head))
+            status, body = self._answer(peer, uid, *_parse_head(head), ends=_ends(sock))
         except _Refusal as refusal:
             method, path = _request_line(head)
             # Never the token: the query string is left out, and a token a client put in the path is blanked.
@@ -202,8 +202,9 @@ class Endpoint:
             log.info("exec endpoint: cannot tell which user connected from %s: %s", peer, error)
             return None
 
-    def _answer(self, peer, uid, method, target, headers):
-        """(status, JSON body) for one parsed request; _Refusal for every rule it breaks."""
+    def _answer(self, peer, uid, method, target, headers, ends=None):
+        """(status, JSON body) for one parsed request; _Refusal for every rule it breaks. *ends* ((client, server)
+        (ip, port) pairs of the connection) go to *fetch*, which passes them on for the service's delivery log."""
         if not is_local_peer(peer):
             # The socket is on 127.0.0.1; this stops a packet that reaches it from another address of this machine.
             raise _Refusal(403, "AccessDenied", "peer address not allowed")
@@ -228,7 +229,7 @@ class Endpoint:
         if len(given) != 1 or not hmac.compare_digest(given[0].encode("latin-1"), self._token):
             raise _Refusal(401, "Unauthorized", "missing or wrong token")
         try:
-            creds = self._fetch()
+            creds = self._fetch(ends) if ends is not None else self._fetch()
         except Unavailable as error:
             raise _Refusal(503, "CredentialsUnavailable", str(error)) from None
         if creds.expired(self._clock()):
@@ -247,6 +248,14 @@ class Endpoint:
             body["AccountId"] = self._role_arn.split(":")[4]
         log.debug("exec endpoint: served %s", mask(creds.access_key_id))
         return 200, body
+
+
+def _ends(sock):
+    """((client ip, port), (server ip, port)) of an accepted connection, or None when it is gone already."""
+    try:
+        return tuple(sock.getpeername()[:2]), tuple(sock.getsockname()[:2])
+    except OSError:
+        return None
 
 
 def _request_line(head):

@@ -33,10 +33,11 @@ class BadRequest(Exception):
         self.status = status
 
 
-def create_app(store, owner_uid, info, on_stop, bindings=None, service_bindings=None):
+def create_app(store, owner_uid, info, on_stop, bindings=None, service_bindings=None, deliveries=None):
     """The control Flask app; *info* is a dict merged into status (a callable value is called each time), *on_stop*
     ends the service; *bindings* (an execs.BindingTable) adds the routes of ``imsa exec``: POST /bindings and
-    POST /bindings/revoke."""
+    POST /bindings/revoke; *deliveries* (a deliveries.DeliveryLog) notes each credentials answer and adds
+    GET /deliveries."""
     app = Flask("imsa.server.control")
     refusals = RefusalLimiter(log, logging.WARNING)
 
@@ -144,13 +145,32 @@ def create_app(store, owner_uid, info, on_stop, bindings=None, service_bindings=
     @app.post("/activate")
     def activate():
         spec = spec_from(body())
+        if not spec.imds:
+            # The CLI refuses it first; this stops a CLI that does not know the setting (or any other caller).
+            raise BadRequest(f"profile {spec.profile} is kept off the global endpoint (imds: false); use imsa exec "
+                             f"{spec.profile} -- COMMAND, or imsa export {spec.profile}", 403)
         creds = store.activate(spec)
         return jsonify(profile=spec.profile, role_arn=spec.role_arn, expiration=format_time(creds.expiration))
 
     @app.post("/credentials")
     def credentials():
         spec = spec_from(body())
-        return jsonify(store.credentials_for(spec).to_json())
+        creds = store.credentials_for(spec)
+        response = jsonify(creds.to_json())
+        if deliveries is not None:
+            # Noted once the answer is written; which command asked is in the query (?way=), from SO_PEERCRED who.
+            response.call_on_close(deliveries.control_hook(spec, creds, request.environ, request.args))
+        return response
+
+    if deliveries is not None:
+        @app.get("/deliveries")
+        def delivery_records():
+            try:
+                after = int(request.args.get("after", "0"))
+            except ValueError:
+                raise BadRequest("'after' must be a whole number") from None
+            records, last = deliveries.records(after, request.args.get("profile"))
+            return jsonify(deliveries=records, last=last)
 
     if bindings is not None:
         from imsa.server.execs import BindingError

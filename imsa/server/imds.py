@@ -127,11 +127,13 @@ def allowed_hosts(host, port):
     return hosts
 
 
-def create_app(served, host, port, require_token=True, tokens=None, instance_id=None, clock=utcnow, peer_uids=None):
+def create_app(served, host, port, require_token=True, tokens=None, instance_id=None, clock=utcnow, peer_uids=None,
+               on_delivery=None):
     """The IMDS Flask app for a service listening on *host*:*port*; *served* returns the store's snapshot.
 
     With *peer_uids* (a set), only clients whose socket belongs to one of those uids are served; the service puts
-    each connection's uid in the environ as ``imsa.peer_uid``.
+    each connection's uid in the environ as ``imsa.peer_uid``. *on_delivery(snapshot, environ)* is called once each
+    credentials answer has been written (the delivery log: imsa/server/deliveries.py).
     """
     app = Flask("imsa.server.imds")
     app.wsgi_app = _CollapseSlashes(app.wsgi_app)
@@ -230,7 +232,11 @@ def create_app(served, host, port, require_token=True, tokens=None, instance_id=
                 f"{format_time(creds.expiration)}; run: imsa assume {snapshot.spec.profile}",
             }
             return _text(json.dumps(body, indent=2))
-        return _text(credentials_json(snapshot))
+        response = _text(credentials_json(snapshot))
+        if on_delivery is not None:
+            # Called when the server closes the answer, after writing it: the client never waits for the log.
+            response.call_on_close(functools.partial(on_delivery, snapshot, request.environ))
+        return response
 
     # The last credentials answer and the snapshot it was made from: json.dumps with indent runs in pure Python
     # and cost more than the rest of the request (scripts/bench.py), so it is made once per snapshot.

@@ -453,7 +453,7 @@ def state_directory(uid, given=None):
 
 
 def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False, keep_sessions=None,
-        bindings_listen=(), state_dir=None):
+        bindings_listen=(), state_dir=None, delivery_log=None):
     """Serve until SIGTERM/SIGINT or a control-plane stop; returns the exit status.
 
     With *report_ready* (``imsa start`` in the background), one READY_PREFIX line with the status goes to stdout
@@ -468,7 +468,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     if is_root:
         sanitize_root_environment()
 
-    from imsa.server import control, execs, imds, saved
+    from imsa.server import control, deliveries, execs, imds, saved
     from imsa.server.store import Store
 
     tcp = inherited_socket()
@@ -519,7 +519,12 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     if peer_uids is None:
         log.warning("neither sock_diag nor /proc/net/tcp is available: IMDS cannot tell local users apart and "
                     "serves any of them")
-    imds_app = imds.create_app(store.served, host, port, require_token=not allow_imdsv1, peer_uids=peer_uids)
+    # Who received which credentials (README, "Who used which role"); the file is opened after the drop, as the user.
+    delivery_records = deliveries.DeliveryLog(os.path.abspath(delivery_log) if delivery_log else None)
+    info["deliveries"] = delivery_records.status
+    info["last_deliveries"] = delivery_records.last_per_profile
+    imds_app = imds.create_app(store.served, host, port, require_token=not allow_imdsv1, peer_uids=peer_uids,
+                               on_delivery=delivery_records.imds_hook(host, port))
     # How many IMDSv2 tokens are held (bounded by imds.MAX_TOKENS): read at each status request.
     info["imds_tokens"] = imds_app.config["imsa.tokens"].__len__
     bindings = execs.BindingTable(store)
@@ -536,7 +541,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
         info["state_dir"] = state_directory(uid, state_dir)
         info["service_bindings"] = service_bindings.status
     control_app = control.create_app(store, uid, info, stop_soon, bindings=bindings,
-                                     service_bindings=service_bindings)
+                                     service_bindings=service_bindings, deliveries=delivery_records)
     waiter_channel = None
     try:
         from waitress import wasyncore
@@ -601,6 +606,14 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     if waiter_channel is not None:
         waiter_channel.close()
     info["log"] = log_path
+    try:
+        delivery_records.open_file()
+    except OSError as error:
+        tcp.close()
+        unix.close()
+        _unlink(path)
+        raise ServiceError(f"cannot open the delivery log {delivery_log}: {error.strerror or error} (a symlink there "
+                           f"is never followed)") from None
 
     shared_map = {}
     # Every server here counts the connections of all of them (one map); the owner's get room above IMDS's limit.
@@ -633,6 +646,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     signal.signal(signal.SIGINT, on_signal)
     store.start()
     bindings.start()
+    delivery_records.start()
     if restored is not None:
         threading.Thread(target=_serve_again, args=(store, restored), name="imsa-restore", daemon=True).start()
     if report_ready:
@@ -649,6 +663,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
     finally:
         log.info("stopping")
         bindings.stop()
+        delivery_records.stop()
         store.stop()
         for server in servers:
             server.task_dispatcher.shutdown(timeout=2)

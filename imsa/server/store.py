@@ -95,6 +95,8 @@ class RoleSpec:
     # duration_seconds, external_id) each; and the file the profile came from, for status.
     via: tuple = ()
     origin: str = None
+    # False: the profile is kept off the global endpoint (``imds: false`` in ~/.imsa); /activate refuses it.
+    imds: bool = True
 
     @classmethod
     def from_json(cls, data):
@@ -114,8 +116,11 @@ class RoleSpec:
         via = _check_hops(data.get("via"))
         if via and "role_arn" not in fields:
             raise SpecError("'via' needs a final 'role_arn'")
+        imds = data.get("imds", True)
+        if not isinstance(imds, bool):
+            raise SpecError("'imds' must be true or false")
         return cls(profile=profile, fingerprint=fingerprint, via=via, origin=_check_text("origin", data.get("origin")),
-                   **fields)
+                   imds=imds, **fields)
 
     @property
     def role_name(self):

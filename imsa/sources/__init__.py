@@ -34,6 +34,7 @@ KINDS = {
     "roles_anywhere": ("imsa.sources.roles_anywhere:Anchor", "imsa.sources.roles_anywhere:mint"),
     "credential_process": ("imsa.sources.system_process:Command", "imsa.sources.system_process:mint"),
     "sso": ("imsa.sources.sso:SsoToken", "imsa.sources.sso:mint"),
+    "web_identity": ("imsa.sources.oidc:IdToken", "imsa.sources.oidc:mint"),
 }
 
 
@@ -103,6 +104,8 @@ class Profile:
     hops: tuple = ()
     region: str = None
     notes: tuple = ()
+    # config.Fence of a ~/.imsa profile (imds, confirm); None: no fencing (a profile of ~/.aws/config).
+    fence: object = None
 
     @property
     def role_arn(self):
@@ -122,7 +125,7 @@ class Profile:
 def role_spec(profile):
     """The control plane's RoleSpec of any resolved *profile* (name, origin, fingerprint, hops, region)."""
     final = profile.hops[-1] if profile.hops else None
-    return {
+    spec = {
         "profile": profile.name,
         "fingerprint": profile.fingerprint,
         "role_arn": final.role_arn if final else None,
@@ -133,3 +136,7 @@ def role_spec(profile):
         "via": [hop.to_json() for hop in profile.hops[:-1]],
         "origin": profile.origin,
     }
+    fence = getattr(profile, "fence", None)
+    if fence is not None and not fence.imds:
+        spec["imds"] = False  # only then: a service that predates fencing refuses the field rather than ignore it
+    return spec
