@@ -887,6 +887,11 @@ def measure_resources(load, ports, pids, plan, rows, log):
     rows.append(row("rss", f"RSS after {plan.rss_sequences:,} sequences", "MB", rss, ratio_to="flask",
                     absolute=("max", 60.0), detail={"sequences": served}))
 
+    # boto3's connection pools of the client rows keep their connections until they are collected: an idle
+    # keep-alive connection is something to look after, not idleness (the service sweeps it every 30 s).
+    import gc
+
+    gc.collect()
     time.sleep(0.5)  # let the last connections close
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     time.sleep(plan.idle_seconds)
