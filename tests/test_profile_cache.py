@@ -4,6 +4,7 @@ that follows its files, says what the full path says, and holds no secret."""
 
 import json
 import os
+import pathlib
 import stat
 import subprocess
 import sys
@@ -107,9 +108,9 @@ def test_without_a_session_the_full_path_asks_for_mfa_as_always(service, isolate
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the organisation's files must be root's")
-def test_a_file_the_organisation_adds_is_in_the_cache_key(active_service, isolated_env, tmp_path):
+def test_a_file_the_organisation_adds_is_in_the_cache_key(active_service, isolated_env):
     assert run_imsa("export", "a").returncode == 0  # cached while the system directory does not exist
-    system = tmp_path / "etc-imsa"
+    system = pathlib.Path(os.environ["IMSA_SYSTEM_CONFIG_DIR"])  # the test's own (tests/conftest.py)
     system.mkdir(mode=0o755)
     system.chmod(0o755)
     (system / "org.yaml").write_text(yaml.safe_dump({"a": {"region": "eu-central-1"}}))
