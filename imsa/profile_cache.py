@@ -35,7 +35,8 @@ def cache_path(environ=None):
 
 
 def identity(path):
-    """(device, inode, size, mtime_ns, mode, owner) of the file at *path*, or None when there is none.
+    """(device, inode, size, mtime_ns, mode, owner) of the file at *path*, None when there is none, or
+    ["unreadable", errno] when it cannot be looked at (resolution says why; the key only has to differ). Never raises.
 
     A replaced file has a new inode, an edited one a new size or mtime; mode and owner are there because they
     decide the warning about a ~/.imsa others can read, which a cached answer would otherwise skip.
@@ -44,6 +45,8 @@ def identity(path):
         info = os.stat(path)
     except FileNotFoundError:
         return None
+    except OSError as error:  # a directory on the way we may not search: resolve() names the file and the cause
+        return ["unreadable", error.errno]
     return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_mode, info.st_uid]
 
 

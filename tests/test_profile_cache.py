@@ -121,3 +121,14 @@ def test_a_file_the_organisation_adds_is_in_the_cache_key(active_service, isolat
     (system / "org.yaml").write_text(yaml.safe_dump({"a": {"region": "eu-north-1"}}))  # edited in place
     done = run_imsa("export", "a")
     assert "export AWS_REGION=eu-north-1" in done.stdout.splitlines()
+
+
+def test_a_file_that_cannot_be_looked_at_is_left_to_resolution_to_report(tmp_path):
+    """A path that cannot be stat'ed (a directory on the way the user may not search: here a name too long) makes a
+    key that differs from a missing file's; the cache never raises (the full command says what is wrong)."""
+    from imsa import profile_cache
+
+    unreadable = str(tmp_path / ("x" * 5000))
+    assert profile_cache.identity(unreadable)[0] == "unreadable"
+    assert profile_cache.identity(str(tmp_path / "absent")) is None
+    assert profile_cache.key([unreadable])["inputs"][0][1] != profile_cache.key([str(tmp_path / "absent")])["inputs"][0][1]
