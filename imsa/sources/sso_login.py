@@ -12,7 +12,6 @@ with its refresh token under a lock, the file read again once the lock is held, 
 spend the same single-use refresh token.
 """
 
-import base64
 import contextlib
 import datetime
 import errno
@@ -22,7 +21,6 @@ import json
 import logging
 import os
 import secrets
-import sys
 import tempfile
 import time
 import urllib.parse
@@ -30,6 +28,9 @@ import urllib.parse
 from imsa.credentials import format_time, parse_time, utcnow
 from imsa.errors import ConfigError, StsError
 from imsa.sources import sso
+from imsa.sources.oauth import (  # noqa: F401 (pkce_pair: what tests of the fake use)
+    BROWSER_TIMEOUT, CALLBACK_PATH, CallbackListener, has_browser, pkce_pair, say_on_stderr,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,6 @@ DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 # RFC 8628: poll every `interval` seconds (5 if the service names none), 5 s more after each slow_down.
 DEFAULT_INTERVAL = 5
 SLOW_DOWN_STEP = 5
-# How long the browser login may take before imsa gives up waiting for the redirect.
-BROWSER_TIMEOUT = 600
-CALLBACK_PATH = "/oauth/callback"
 # What aws-cli registers: a loopback redirect without a port, which the service matches for any port (RFC 8252).
 REGISTERED_REDIRECT = "http://127.0.0.1" + CALLBACK_PATH
 PKCE_GRANTS = ("authorization_code", "refresh_token")
@@ -53,12 +51,6 @@ IGNORE_ENDPOINTS = "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"
 
 class LoginError(StsError):
     """The login did not give a token (denied, expired, refused): exit 4, like STS."""
-
-
-def say_on_stderr(text):
-    """Tell the person something: stderr, never stdout (``eval $(imsa export p)`` must stay clean)."""
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
 
 
 def endpoint(service, environ=None):
@@ -267,12 +259,6 @@ def obtain(source, settings, say=say_on_stderr, no_browser=None, force=False, en
 # --- logins ---
 
 
-def has_browser(environ=None):
-    """True when a browser can be opened here: BROWSER names one, or there is a display."""
-    environ = os.environ if environ is None else environ
-    return any(environ.get(name) for name in ("BROWSER", "DISPLAY", "WAYLAND_DISPLAY"))
-
-
 def login(source, oidc, say=say_on_stderr, no_browser=None, environ=None, now=utcnow):
     """A new cache record from a login: in a browser (PKCE) where one can open, else with a device code."""
     flow = "device" if no_browser or not has_browser(environ) else "pkce"
@@ -352,13 +338,6 @@ def device_login(source, oidc, client_id, client_secret, say, sleep=time.sleep, 
     raise expired
 
 
-def pkce_pair():
-    """(code verifier, its S256 challenge) of RFC 7636."""
-    verifier = secrets.token_urlsafe(64)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii")).digest()).rstrip(b"=").decode()
-    return verifier, challenge
-
-
 def browser_login(source, oidc, client_id, client_secret, say, open_url=None, timeout=BROWSER_TIMEOUT):
     """CreateToken's answer for the authorization code the browser brings back to a listener on 127.0.0.1."""
     import threading
@@ -388,58 +367,3 @@ def browser_login(source, oidc, client_id, client_secret, say, open_url=None, ti
                                  code=code, codeVerifier=verifier, redirectUri=redirect_uri)
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
         raise oidc_failure(error, "CreateToken") from error
-
-
-class CallbackListener:
-    """The loopback listener of the browser's redirect: ``GET /oauth/callback?code=…&state=…`` (or ``error=…``)
-    with the state this login sent; anything else is answered 400 and ignored."""
-
-    def __init__(self, state):
-        import http.server
-
-        listener = self
-        self.state, self.code, self.error = state, None, None
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
-                parts = urllib.parse.urlsplit(self.path)
-                query = dict(urllib.parse.parse_qsl(parts.query))
-                if parts.path != CALLBACK_PATH or not secrets.compare_digest(query.get("state", ""), listener.state):
-                    self._answer(400, "This is not the sign-in imsa is waiting for.")
-                    return
-                if query.get("error"):
-                    listener.error = query["error"][:200]
-                    self._answer(200, "The sign-in was refused; see the terminal.")
-                elif query.get("code"):
-                    listener.code = query["code"]
-                    self._answer(200, "Signed in: you may close this window and return to the terminal.")
-                else:
-                    self._answer(400, "The redirect carries no code.")
-
-            def _answer(self, status, text):
-                body = text.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # the query holds the code: never in a log
-                pass
-
-        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.server.timeout = 0.2
-        self.port = self.server.server_address[1]
-
-    def wait(self, timeout):
-        """(code, error) once the redirect came, or (None, None) after *timeout* seconds."""
-        deadline = time.monotonic() + timeout
-        while self.code is None and self.error is None and time.monotonic() < deadline:
-            self.server.handle_request()
-        return self.code, self.error
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.server.server_close()
