@@ -33,6 +33,9 @@ STRING_KEYS = (
     "sso_registration_scopes",
     "sso_session",
     "sso_cache",
+    # Credential-vending servers (imsa/sources/cred_server.py): the server's id or url, and the role to ask it for.
+    "server",
+    "server_role",
     "extends",
 )
 INT_KEYS = ("duration_seconds", "session_duration_seconds")
@@ -151,6 +154,11 @@ class Config:
             listed = ", ".join(repr(known) for known in self.names) or "none"
             suffix = f" (did you mean {hint[0]!r}?)" if hint else f" (profiles: {listed})"
             raise ConfigError(f"{self.path}: no profile {name!r}{suffix}")
+        if any("server" in self._raw[ancestor] for ancestor in self._chain(name)):
+            from imsa.sources import cred_server
+
+            chain = [(ancestor, self._raw[ancestor]) for ancestor in reversed(self._chain(name))]
+            return cred_server.imsa_profile(name, self.path, chain, self._where)
         if any("sso_start_url" in self._raw[ancestor] for ancestor in self._chain(name)):
             from imsa.sources import sso
 
