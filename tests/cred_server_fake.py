@@ -51,6 +51,8 @@ class FakeCredServer:
         self.lock = threading.Lock()
         self.codes, self.devices, self.tokens = {}, {}, {}
         self.deny_authorization = False
+        # Where /assume-role sends its caller instead (a 303: urllib would follow it as a GET), to see that the bearer does not follow.
+        self.redirect_to = None
         self.calls = []
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -244,6 +246,8 @@ class FakeCredServer:
                             return self._json(200, fake.device(form))
                         if route in (("POST", "/assume-role"), ("GET", "/roles")):
                             fake._bearer(self.headers.get("Authorization"))
+                            if fake.redirect_to and method == "POST":
+                                return self._send(303, b"", {"Location": fake.redirect_to})
                             if method == "GET":
                                 return self._json(200, fake.list_roles())
                             if self.headers.get_content_type() != "application/json":

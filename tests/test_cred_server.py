@@ -254,6 +254,37 @@ def test_a_revoked_token_is_a_clear_line_naming_the_login_and_the_login_brings_i
     assert json.loads(done.stdout)["Version"] == 1
 
 
+def test_a_redirect_is_an_error_and_the_bearer_does_not_follow_it(corp, service):
+    import http.server
+    import threading
+
+    seen = []
+
+    class Catcher(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(500)
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    catcher = http.server.HTTPServer(("127.0.0.1", 0), Catcher)
+    thread = threading.Thread(target=catcher.serve_forever, daemon=True)
+    thread.start()
+    try:
+        login("dev")
+        corp.redirect_to = f"http://127.0.0.1:{catcher.server_address[1]}/assume-role"
+        line = one_error_line(run_without_terminal("export", "ro"), 4)
+        assert "refused POST assume-role: 303" in line
+        assert seen == [], "nothing followed the redirect, the bearer least of all"
+    finally:
+        catcher.shutdown()
+        catcher.server_close()
+
+
 # --- NoCache ---
 
 

@@ -339,8 +339,16 @@ def opener(url, settings):
 
     from imsa import sts_settings
 
+    class _NoRedirect(urllib.request.HTTPRedirectHandler):
+        """Redirects are not followed: urllib would carry the bearer token (or the client secret) to wherever the
+        ``Location`` points. A redirect is answered as the error it then is (HTTPError with its 3xx status)."""
+
+        def redirect_request(self, *args):
+            return None
+
     proxy = settings.proxy_for(url) if settings is not None else None
-    handlers = [urllib.request.ProxyHandler({urllib.parse.urlsplit(url).scheme: proxy} if proxy else {})]
+    handlers = [urllib.request.ProxyHandler({urllib.parse.urlsplit(url).scheme: proxy} if proxy else {}),
+                _NoRedirect()]
     if url.startswith("https:"):
         verify = sts_settings.verify_for(settings) if settings is not None else True
         context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
