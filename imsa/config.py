@@ -43,6 +43,9 @@ STRING_KEYS = (
     "oidc_client_id",
     "oidc_scopes",
     "oidc_roles_url",
+    # Credential-vending servers (imsa/sources/cred_server.py): the server's id or url, and the role to ask it for.
+    "server",
+    "server_role",
     "extends",
 )
 INT_KEYS = ("duration_seconds", "session_duration_seconds", "oidc_duration_seconds")
@@ -203,6 +206,12 @@ class Config:
         fence = self._fence(name)
         import dataclasses  # dataclasses.replace: the fence on a source's profile
 
+        if any("server" in self._raw[ancestor] for ancestor in self._chain(name)):
+            from imsa.sources import cred_server
+
+            chain = self._chain_without_fence(name)
+            return dataclasses.replace(cred_server.imsa_profile(name, self.origin(name), chain, self._where),
+                                       fence=fence)
         if any("sso_start_url" in self._raw[ancestor] for ancestor in self._chain(name)):
             from imsa.sources import sso
 
