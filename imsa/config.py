@@ -428,7 +428,7 @@ def system_files(environ=None):
         return []
     except OSError as error:
         raise ConfigError(f"{directory}: cannot read the organisation's defaults: {error.strerror}") from None
-    _check_system_owner(directory, info)
+    check_system_owner(directory, info)
     try:
         names = sorted(os.listdir(directory))
     except OSError as error:
@@ -441,7 +441,7 @@ def system_files(environ=None):
     return found
 
 
-def _check_system_owner(path, info):
+def check_system_owner(path, info):
     """ConfigError unless *path* (its stat *info*) belongs to root and nobody else may write it.
 
     The organisation's files choose where people sign in (an OIDC provider's discovery URL, a start URL) and which
@@ -457,12 +457,12 @@ def _check_system_owner(path, info):
 
 
 def _read(path, system=False):
-    """(text, mode) of the file at *path*; a file of the organisation's must pass _check_system_owner."""
+    """(text, mode) of the file at *path*; a file of the organisation's must pass check_system_owner."""
     try:
         with open(path, encoding="utf-8") as handle:
             info = os.fstat(handle.fileno())
             if system:
-                _check_system_owner(path, info)
+                check_system_owner(path, info)
             return handle.read(), info.st_mode
     except FileNotFoundError:
         raise

@@ -8,6 +8,7 @@ loopback. Role credentials come from moto's AssumeRole, so they authenticate aga
 
 import json
 import os
+import pathlib
 import select
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import urllib.parse
 import urllib.request
 
 import pytest
+
+from imsa.errors import ConfigError
 
 from conftest import one_error_line, run_imsa, run_without_terminal
 from cred_server_fake import CLIENT_ID, FakeCredServer
@@ -351,7 +354,7 @@ def test_list_server_works_without_the_service(corp):
 
 def test_the_users_definition_wins_over_the_organisations_and_a_broken_one_is_named(corp, isolated_env,
                                                                                     monkeypatch, tmp_path):
-    system = tmp_path / "etc-imsa" / "servers.d"
+    system = pathlib.Path(os.environ["IMSA_SYSTEM_CONFIG_DIR"]) / "servers.d"
     write_definition(system, corp, name="corp.json", grants=("code_grant",), client_id="someone-else")
     done = run_without_terminal("list", "--server", "corp", "--json")
     assert done.returncode == 0, done.stderr  # the user's client id, not the organisation's, signed in
@@ -455,3 +458,28 @@ def test_a_forged_redirect_without_the_logins_state_is_ignored(corp, tmp_path, m
     done = run_without_terminal("list", "--server", "corp")
     assert done.returncode == 0, done.stderr
     assert corp.grants() == 1 and "forged" not in done.stderr
+
+
+@pytest.mark.parametrize("where", ["user", "system"])
+def test_a_definition_others_could_rewrite_is_refused(corp, isolated_env, where):
+    """A definition says where the sign-in and the token go: one writable by others is an error naming it."""
+    if where == "user":
+        directory = isolated_env / ".config" / "imsa" / "servers.d"
+    else:
+        directory = pathlib.Path(os.environ["IMSA_SYSTEM_CONFIG_DIR"]) / "servers.d"
+    write_definition(directory, corp, name="corp.json", grants=("code_grant",))
+    path = directory / "corp.json"
+    path.chmod(0o666)
+    from imsa.sources import cred_server
+
+    with pytest.raises(ConfigError) as refused:
+        cred_server.find("corp")
+    assert str(path) in str(refused.value) and "writable" in str(refused.value)
+    path.chmod(0o644)
+    if where == "system" and os.geteuid() == 0:
+        os.chown(path, 65534, 65534)  # nobody's: not the organisation's
+        with pytest.raises(ConfigError, match="must belong to root"):
+            cred_server.find("corp")
+        os.chown(path, 0, 0)
+    found = cred_server.find("corp")  # the user's own definition wins over the organisation's of the same id
+    assert found.path == str(isolated_env / ".config" / "imsa" / "servers.d" / "corp.json")

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import stat
 import urllib.parse
 from dataclasses import dataclass, field
 
@@ -204,11 +205,28 @@ def _parse(path, data):
     )
 
 
-def _read_dir(directory):
+def _check_writers(path, info, system):
+    """ConfigError when someone other than the definition's owner could rewrite *path* (its stat *info*).
+
+    A definition says where the sign-in and the bearer token go: a file another local user could rewrite would send
+    them to a server of that user's choosing. The organisation's must be root's and writable by root only (as its
+    ~/.imsa defaults, imsa/config.py); the user's must be the user's (or root's) and writable by no one else."""
+    if system:
+        from imsa.config import check_system_owner
+
+        check_system_owner(path, info)
+    elif info.st_uid not in (0, os.getuid()) or stat.S_IMODE(info.st_mode) & 0o022:
+        raise ConfigError(f"{path}: a server definition must be yours and writable by you only (owned by uid "
+                          f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}); run: chmod go-w {path}")
+
+
+def _read_dir(directory, system=False):
     """{server id: Server} of the ``*.json`` files in *directory* (none when it does not exist); a file that cannot
-    be read or is invalid, or two files with one id, is a ConfigError naming the file. aws_sso definitions (mairu's
-    other kind) are passed over: imsa reads IAM Identity Center elsewhere."""
+    be read or is invalid, or that others could rewrite (_check_writers), or two files with one id, is a
+    ConfigError naming the file. aws_sso definitions (mairu's other kind) are passed over: imsa reads IAM Identity
+    Center elsewhere."""
     try:
+        _check_writers(directory, os.stat(directory), system)
         names = sorted(name for name in os.listdir(directory) if name.endswith(".json"))
     except FileNotFoundError:
         return {}
@@ -219,6 +237,7 @@ def _read_dir(directory):
         path = os.path.join(directory, name)
         try:
             with open(path, encoding="utf-8") as handle:
+                _check_writers(path, os.fstat(handle.fileno()), system)
                 data = json.load(handle)
         except OSError as error:
             raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
@@ -236,7 +255,7 @@ def _read_dir(directory):
 
 def servers(environ=None):
     """{server id: Server} of every definition: the organisation's, then the user's over them."""
-    found = _read_dir(system_servers_dir(environ))
+    found = _read_dir(system_servers_dir(environ), system=True)
     found.update(_read_dir(user_servers_dir(environ)))
     return found
 
