@@ -55,6 +55,13 @@ BOOL_KEYS = ("secret_store",)
 # confirm: true makes exec, export and credential-process ask on the terminal each time.
 FENCE_KEYS = ("imds", "confirm")
 KNOWN_KEYS = STRING_KEYS + INT_KEYS + BOOL_KEYS + FENCE_KEYS
+# A key that makes a profile (or one it extends) another source's, and that source's module in imsa/sources/: it
+# resolves the profile with its own imsa_profile(name, origin, chain, where). Profiles with none of them use keys.
+SOURCE_MARKERS = (
+    ("server", "cred_server"),
+    ("sso_start_url", "sso"),
+    ("oidc_discovery_url", "oidc"),
+)
 
 RANGES = {
     "duration_seconds": (MIN_DURATION, MAX_ROLE_DURATION),
@@ -204,24 +211,14 @@ class Config:
             suffix = f" (did you mean {hint[0]!r}?)" if hint else f" (profiles: {listed})"
             raise ConfigError(f"{self.path}: no profile {name!r}{suffix}")
         fence = self._fence(name)
-        import dataclasses  # dataclasses.replace: the fence on a source's profile
+        for marker, module in SOURCE_MARKERS:
+            if any(marker in self._raw[ancestor] for ancestor in self._chain(name)):
+                import dataclasses
+                import importlib
 
-        if any("server" in self._raw[ancestor] for ancestor in self._chain(name)):
-            from imsa.sources import cred_server
-
-            chain = self._chain_without_fence(name)
-            return dataclasses.replace(cred_server.imsa_profile(name, self.origin(name), chain, self._where),
-                                       fence=fence)
-        if any("sso_start_url" in self._raw[ancestor] for ancestor in self._chain(name)):
-            from imsa.sources import sso
-
-            chain = self._chain_without_fence(name)
-            return dataclasses.replace(sso.imsa_profile(name, self.origin(name), chain, self._where), fence=fence)
-        if any("oidc_discovery_url" in self._raw[ancestor] for ancestor in self._chain(name)):
-            from imsa.sources import oidc
-
-            chain = self._chain_without_fence(name)
-            return dataclasses.replace(oidc.imsa_profile(name, self.origin(name), chain, self._where), fence=fence)
+                source = importlib.import_module(f"imsa.sources.{module}")
+                profile = source.imsa_profile(name, self.origin(name), self._chain_without_fence(name), self._where)
+                return dataclasses.replace(profile, fence=fence)
         merged = {}
         owner = None  # the nearest profile of the chain that gave the keys, when it keeps them in the store
         for ancestor in reversed(self._chain(name)):
