@@ -128,15 +128,18 @@ def build_parser():
     delivery_log.add_argument("--json", action="store_true", dest="as_json", help="one JSON object a line")
 
     listing = command("list", "list every profile: its file, source, role, region and whether a session is held",
-                      "imsa list --json", (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG), run="profiles.list_profiles")
+                      "imsa list --json", (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS),
+                      run="profiles.list_profiles")
     listing.add_argument("--json", action="store_true", dest="as_json", help="print JSON")
     listing.add_argument("--sso", metavar="PROFILE", help="instead: the accounts and roles PROFILE's IAM Identity "
                          "Center login may use").completer = _complete_profiles
+    listing.add_argument("--server", metavar="SERVER", help="instead: the roles the credential server SERVER (its id "
+                         "or url in servers.d) offers you")
 
-    login = command("login", "sign in to PROFILE's IAM Identity Center (AWS SSO): one login serves every role on it",
-                    "imsa login dev   (no browser here: imsa login dev --no-browser)",
-                    (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_INTERRUPTED),
-                    {EXIT_STS: "sign-in refused or expired"}, run="sso.login")
+    login = command("login", "sign in to PROFILE's IAM Identity Center (AWS SSO) or credential server: one login "
+                    "serves every role on it", "imsa login dev   (no browser here: imsa login dev --no-browser)",
+                    (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_STS, EXIT_SERVICE, EXIT_INTERRUPTED),
+                    {EXIT_STS: "sign-in refused or expired"}, run="cred_server.login")
     login.add_argument("name", metavar="PROFILE").completer = _complete_profiles
     login.add_argument("--no-browser", action="store_true",
                        help="sign in with a code on another device (the default where no browser can open)")

@@ -155,6 +155,10 @@ class Client:
         """Make the service forget the session of *fingerprint*, or every session (None): {forgotten: count}."""
         return self._call("POST", "/sessions/forget", {"fingerprint": fingerprint} if fingerprint else {"all": True})
 
+    def session_roles(self, fingerprint):
+        """The roles the session of *fingerprint* may ask for ({supported, roles}), or None when none is held."""
+        return self._call("POST", "/sessions/roles", {"fingerprint": fingerprint}, missing_ok=True)
+
     def activate(self, spec):
         """Make the profile of *spec* the one IMDS serves."""
         return self._call("POST", "/activate", spec)

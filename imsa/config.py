@@ -43,6 +43,9 @@ STRING_KEYS = (
     "oidc_client_id",
     "oidc_scopes",
     "oidc_roles_url",
+    # Credential-vending servers (imsa/sources/cred_server.py): the server's id or url, and the role to ask it for.
+    "server",
+    "server_role",
     "extends",
 )
 INT_KEYS = ("duration_seconds", "session_duration_seconds", "oidc_duration_seconds")
@@ -52,6 +55,13 @@ BOOL_KEYS = ("secret_store",)
 # confirm: true makes exec, export and credential-process ask on the terminal each time.
 FENCE_KEYS = ("imds", "confirm")
 KNOWN_KEYS = STRING_KEYS + INT_KEYS + BOOL_KEYS + FENCE_KEYS
+# A key that makes a profile (or one it extends) another source's, and that source's module in imsa/sources/: it
+# resolves the profile with its own imsa_profile(name, origin, chain, where). Profiles with none of them use keys.
+SOURCE_MARKERS = (
+    ("server", "cred_server"),
+    ("sso_start_url", "sso"),
+    ("oidc_discovery_url", "oidc"),
+)
 
 RANGES = {
     "duration_seconds": (MIN_DURATION, MAX_ROLE_DURATION),
@@ -201,18 +211,14 @@ class Config:
             suffix = f" (did you mean {hint[0]!r}?)" if hint else f" (profiles: {listed})"
             raise ConfigError(f"{self.path}: no profile {name!r}{suffix}")
         fence = self._fence(name)
-        import dataclasses  # dataclasses.replace: the fence on a source's profile
+        for marker, module in SOURCE_MARKERS:
+            if any(marker in self._raw[ancestor] for ancestor in self._chain(name)):
+                import dataclasses
+                import importlib
 
-        if any("sso_start_url" in self._raw[ancestor] for ancestor in self._chain(name)):
-            from imsa.sources import sso
-
-            chain = self._chain_without_fence(name)
-            return dataclasses.replace(sso.imsa_profile(name, self.origin(name), chain, self._where), fence=fence)
-        if any("oidc_discovery_url" in self._raw[ancestor] for ancestor in self._chain(name)):
-            from imsa.sources import oidc
-
-            chain = self._chain_without_fence(name)
-            return dataclasses.replace(oidc.imsa_profile(name, self.origin(name), chain, self._where), fence=fence)
+                source = importlib.import_module(f"imsa.sources.{module}")
+                profile = source.imsa_profile(name, self.origin(name), self._chain_without_fence(name), self._where)
+                return dataclasses.replace(profile, fence=fence)
         merged = {}
         owner = None  # the nearest profile of the chain that gave the keys, when it keeps them in the store
         for ancestor in reversed(self._chain(name)):
@@ -419,7 +425,7 @@ def system_files(environ=None):
         return []
     except OSError as error:
         raise ConfigError(f"{directory}: cannot read the organisation's defaults: {error.strerror}") from None
-    _check_system_owner(directory, info)
+    check_system_owner(directory, info)
     try:
         names = sorted(os.listdir(directory))
     except OSError as error:
@@ -432,7 +438,7 @@ def system_files(environ=None):
     return found
 
 
-def _check_system_owner(path, info):
+def check_system_owner(path, info):
     """ConfigError unless *path* (its stat *info*) belongs to root and nobody else may write it.
 
     The organisation's files choose where people sign in (an OIDC provider's discovery URL, a start URL) and which
@@ -448,12 +454,12 @@ def _check_system_owner(path, info):
 
 
 def _read(path, system=False):
-    """(text, mode) of the file at *path*; a file of the organisation's must pass _check_system_owner."""
+    """(text, mode) of the file at *path*; a file of the organisation's must pass check_system_owner."""
     try:
         with open(path, encoding="utf-8") as handle:
             info = os.fstat(handle.fileno())
             if system:
-                _check_system_owner(path, info)
+                check_system_owner(path, info)
             return handle.read(), info.st_mode
     except FileNotFoundError:
         raise

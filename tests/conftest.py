@@ -140,13 +140,18 @@ def isolated_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / ".aws" / "credentials"))
     monkeypatch.setenv("IMSA_CONFIG", str(home / ".imsa"))
     # The machine's /etc/imsa (an organisation's defaults) never reaches a test; a test that needs one makes it here.
-    monkeypatch.setenv("IMSA_SYSTEM_CONFIG_DIR", str(tmp_path / "etc-imsa"))
+    # Its parent is open to every user (as /etc is), so the CLI run as another local user finds it absent, not
+    # unreadable; pytest's tmp_path is root's alone.
+    system_parent = tempfile.mkdtemp(prefix="imsa-etc-")
+    os.chmod(system_parent, 0o755)
+    monkeypatch.setenv("IMSA_SYSTEM_CONFIG_DIR", os.path.join(system_parent, "etc-imsa"))
     run_dir = service_run_dir()
     monkeypatch.setenv("IMSA_CONTROL_SOCKET", os.path.join(run_dir, "run", "control.sock"))
     if os.geteuid() == 0:  # the CLI, run as root here, expects the service of the user it serves
         monkeypatch.setenv("IMSA_SERVICE_USER", SERVICE_USER)
     yield home
     shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(system_parent, ignore_errors=True)
 
 
 class StsServer:

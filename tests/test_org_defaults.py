@@ -4,6 +4,7 @@ when broken or writable by anyone but root."""
 
 import json
 import os
+import pathlib
 import pwd
 
 import pytest
@@ -17,12 +18,11 @@ from test_sso import browser
 
 
 @pytest.fixture
-def system_dir(tmp_path, monkeypatch):
+def system_dir(isolated_env):
     """The organisation's directory of this test (what a package would install as /etc/imsa), mode 0755."""
-    path = tmp_path / "etc-imsa"
+    path = pathlib.Path(os.environ["IMSA_SYSTEM_CONFIG_DIR"])
     path.mkdir(mode=0o755)
     path.chmod(0o755)
-    assert os.environ["IMSA_SYSTEM_CONFIG_DIR"] == str(path)
     return path
 
 

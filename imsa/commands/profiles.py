@@ -45,10 +45,15 @@ def organisation_notes(row):
             for path, keys in by_file.items()]
 
 
-def list_profiles(as_json=False, io=None, client=None, environ=None, sso=None):
+def list_profiles(as_json=False, io=None, client=None, environ=None, sso=None, server=None):
     """Print every usable profile: its file, source, role, region and held session (``--json``: a list); with
-    *sso* (a profile), the accounts and roles its IAM Identity Center login may use instead."""
+    *sso* (a profile), the accounts and roles its IAM Identity Center login may use instead; with *server*, the
+    roles that credential server offers."""
     io = io or Io()
+    if server is not None:
+        from imsa.commands.cred_server import list_roles as server_roles
+
+        return server_roles(server, as_json, io, client)
     if sso is not None:
         from imsa.commands.sso import list_roles
 

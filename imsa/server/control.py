@@ -142,6 +142,21 @@ def create_app(store, owner_uid, info, on_stop, bindings=None, service_bindings=
             raise BadRequest("give 'fingerprint' (32 hex characters) or 'all': true")
         return jsonify(forgotten=forgotten)
 
+    @app.post("/sessions/roles")
+    def session_roles():
+        # The roles a session's source offers (a credential server's GET /roles), asked with the token only the
+        # service holds.
+        fingerprint = body().get("fingerprint")
+        if not _is_fingerprint(fingerprint):
+            raise BadRequest("'fingerprint' must be 32 hex characters")
+        held = store.session(fingerprint)
+        if held is None:
+            return jsonify(error="no valid session"), 404
+        if held.kind not in sources.LISTERS:
+            raise BadRequest(f"a session of kind {held.kind} lists no roles")
+        roles = sources.load(sources.LISTERS[held.kind])(held.material, store.settings(fingerprint))
+        return jsonify(supported=roles is not None, roles=roles or [])
+
     @app.post("/activate")
     def activate():
         spec = spec_from(body())

@@ -314,7 +314,9 @@ class Store:
         now = self._clock()
         with self._lock:
             entry = self._entries.get(spec)
-            if entry and entry.credentials and not _due(entry.credentials, now):
+            # Credentials their source marked no_cache (a credential server's NoCache) are made anew for each asker.
+            if entry and entry.credentials and not _due(entry.credentials, now) and \
+                    not getattr(entry.credentials, "no_cache", False):
                 return entry.credentials
         return self._make(spec)
 

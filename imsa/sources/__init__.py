@@ -35,6 +35,13 @@ KINDS = {
     "credential_process": ("imsa.sources.system_process:Command", "imsa.sources.system_process:mint"),
     "sso": ("imsa.sources.sso:SsoToken", "imsa.sources.sso:mint"),
     "web_identity": ("imsa.sources.oidc:IdToken", "imsa.sources.oidc:mint"),
+    "cred_server": ("imsa.sources.cred_server:ServerToken", "imsa.sources.cred_server:mint"),
+}
+
+# Session kind -> "module:function" that lists the roles a session may ask for, called as lister(material, settings)
+# (the service's control plane does, with the token only it holds); None from it: the source does not offer a list.
+LISTERS = {
+    "cred_server": "imsa.sources.cred_server:list_roles",
 }
 
 

@@ -26,7 +26,7 @@ import urllib.request
 from imsa.credentials import format_time
 from imsa.errors import StsError, UsageError
 from imsa.sources import oidc
-from imsa.sources.loopback import BROWSER_TIMEOUT, CallbackListener, open_in_browser, pkce_pair, say_on_stderr
+from imsa.sources.oauth import BROWSER_TIMEOUT, CallbackListener, open_in_browser, pkce_pair, say_on_stderr
 
 log = logging.getLogger(__name__)
 

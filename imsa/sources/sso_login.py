@@ -28,8 +28,8 @@ import urllib.parse
 from imsa.credentials import format_time, parse_time, utcnow
 from imsa.errors import ConfigError, StsError
 from imsa.sources import sso
-# The browser login's pieces are shared with the OIDC providers' (imsa/sources/oidc_login.py).
-from imsa.sources.loopback import (  # noqa: F401 (say_on_stderr, has_browser: named here for callers)
+# The browser login's pieces are shared with the other OAuth sources (imsa/sources/oauth.py).
+from imsa.sources.oauth import (  # noqa: F401 (say_on_stderr, has_browser, pkce_pair: named here for callers)
     BROWSER_TIMEOUT, CALLBACK_PATH, CallbackListener, has_browser, open_in_browser, pkce_pair, say_on_stderr,
 )
 

@@ -1,9 +1,10 @@
-"""What the browser logins share (IAM Identity Center, OIDC providers): the PKCE pair, the loopback listener that
-receives the browser's redirect, and where a login speaks to the person.
+"""What every OAuth 2.0 login of imsa's sources shares: the PKCE pair (RFC 7636), the loopback listener of the
+browser's redirect (RFC 8252), whether a browser can open here, and where the person is told things.
 
-RFC 8252 (OAuth 2.0 for native apps): the redirect goes to ``http://127.0.0.1:PORT/…`` on a port the listener
-chose, the authorization code is bound to the login by PKCE (S256, RFC 7636), and the redirect is taken only with
-the ``state`` this login sent.
+The redirect goes to ``http://127.0.0.1:PORT/…``, the authorization code is bound to the login by PKCE (S256), and
+the redirect is taken only with the ``state`` this login sent. The sources' own modules (imsa/sources/sso_login.py,
+oidc_login.py, cred_server_login.py) speak their services' token endpoints; none of this module sends anything
+anywhere.
 """
 
 import base64
@@ -17,6 +18,8 @@ import urllib.parse
 # How long the browser login may take before imsa gives up waiting for the redirect.
 BROWSER_TIMEOUT = 600
 CALLBACK_PATH = "/oauth/callback"
+# How often the listener looks up from a wait for its one request (its deadline is checked between looks).
+LISTEN_TICK = 0.2
 
 
 def say_on_stderr(text):
@@ -49,9 +52,10 @@ def open_in_browser(url, open_url=None):
 
 class CallbackListener:
     """The loopback listener of the browser's redirect: ``GET /oauth/callback?code=…&state=…`` (or ``error=…``)
-    with the state this login sent; anything else is answered 400 and ignored."""
+    with the state this login sent; anything else is answered 400 and ignored. It listens on 127.0.0.1 only, on
+    *port* (0: one the system picks), for the redirect to *path*."""
 
-    def __init__(self, state, path=CALLBACK_PATH):
+    def __init__(self, state, port=0, path=CALLBACK_PATH):
         import http.server
 
         listener = self
@@ -84,8 +88,8 @@ class CallbackListener:
             def log_message(self, *args):  # the query holds the code: never in a log
                 pass
 
-        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.server.timeout = 0.2
+        self.server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+        self.server.timeout = LISTEN_TICK
         self.port = self.server.server_address[1]
         self.redirect_uri = f"http://127.0.0.1:{self.port}{path}"
 
