@@ -3,22 +3,17 @@
 
 Nothing heavy is imported here at module level (no boto3, Flask or waitress), so completion and status stay fast.
 Each command registers its handler by name (``run="roles.assume"``: imsa.commands.roles.assume), and only the
-module of the command that runs is imported.
+module of the command that runs is imported. argparse and logging are imported by the functions that use them:
+``imsa status --short``, and ``imsa export P`` / ``imsa credential-process P`` with a held session
+(imsa/commands/fast.py), answer before any parser is built, at the start of every prompt, shell and SDK process.
 """
 
-import argparse
-import importlib
-import logging
 import os
 import sys
 
-from imsa import __version__, sudo
 from imsa.errors import (
     EXIT_CONFIG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SERVICE, EXIT_STS, EXIT_USAGE, ImsaError, UsageError,
 )
-from imsa.server.logs import mute_wire_loggers
-from imsa.formats import FORMATS
-from imsa.shell import SHELLS
 
 
 MFA_HELP = "the 6-digit MFA code, or - to read it from stdin (else mfa_process or a prompt)"
@@ -54,6 +49,8 @@ def _add_global_flags(parser, suppress):
 
     A command's copy defaults to SUPPRESS, so that leaving it out there keeps what was given before the command.
     """
+    import argparse
+
     default = argparse.SUPPRESS if suppress else False
     parser.add_argument("--debug", action="store_true", default=default, help="show debug logs and tracebacks")
     parser.add_argument("-v", "--verbose", action="store_true", default=default, help="show what imsa does")
@@ -61,6 +58,12 @@ def _add_global_flags(parser, suppress):
 
 def build_parser():
     """The argument parser for every command."""
+    import argparse
+
+    from imsa import __version__
+    from imsa.formats import FORMATS
+    from imsa.shell import SHELLS
+
     parser = argparse.ArgumentParser(
         prog="imsa",
         description="Temporary AWS credentials for every SDK on this machine, from one MFA session.",
@@ -302,7 +305,7 @@ def _add_system_options(parser):
 
 def _add_signing_helper_options(parser):
     """``aws_signing_helper credential-process``'s options, under its names (imsa/sources/roles_anywhere.py)."""
-    from imsa.sources.roles_anywhere import add_helper_options
+    from imsa.helper_options import add_helper_options
 
     add_helper_options(parser.add_argument_group("IAM Roles Anywhere (aws_signing_helper's options)"))
 
@@ -336,6 +339,8 @@ def _exec_command(args):
 
 def _exec_options_parser():
     """A parser of the options ``imsa exec`` takes after PROFILE (its own and the global ones)."""
+    import argparse
+
     options = argparse.ArgumentParser(prog="imsa exec", add_help=False)
     _add_exec_options(options)
     _add_global_flags(options, suppress=True)
@@ -352,6 +357,8 @@ def run(args):
     """Run the handler the command registered: imported only now, called with the parsed arguments as keywords."""
     if args.prepare:
         args.prepare(args)
+    import importlib
+
     module, _, function = args.run.rpartition(".")
     handler = getattr(importlib.import_module(f"{HANDLERS}.{module}"), function)
     values = {name: value for name, value in vars(args).items() if name not in NOT_ARGUMENTS}
@@ -360,6 +367,8 @@ def run(args):
 
 
 def _set_log_level(args):
+    import logging
+
     logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING)
 
 
@@ -376,6 +385,8 @@ SHORT_STATUS = ["status", "--short"]
 
 def _short_status():
     """``imsa status --short``: one line for a prompt, as fast as the control socket answers."""
+    from imsa import sudo
+
     try:
         sudo.become_invoking_user()
         from imsa.commands.prompt import short_status
@@ -390,8 +401,20 @@ def _short_status():
 
 def main(argv=None):
     """Entry point of the ``imsa`` command; returns the exit code."""
-    if (sys.argv[1:] if argv is None else list(argv)) == SHORT_STATUS and "_ARGCOMPLETE" not in os.environ:
-        return _short_status()
+    words = sys.argv[1:] if argv is None else list(argv)
+    if "_ARGCOMPLETE" not in os.environ:
+        if words == SHORT_STATUS:
+            return _short_status()
+        from imsa.commands import fast
+
+        answered = fast.run(words, sys.stdout)
+        if answered is not None:
+            return answered
+    return _full(argv)
+
+
+def _full(argv):
+    """Every command: parse *argv* (or complete it), run the handler, turn errors into one line and an exit code."""
     parser = build_parser()
     # argcomplete acts only when the shell asks for completions (it sets _ARGCOMPLETE); importing it on every
     # other run cost about 10 ms of each `imsa status` and `imsa export` (scripts/bench.py).
@@ -403,6 +426,12 @@ def main(argv=None):
         except ImportError:  # completion is a convenience
             pass
     args = parser.parse_args(argv)
+    # Only now: completion (above) ends the process without them, at every <TAB>.
+    import logging
+
+    from imsa import sudo
+    from imsa.server.logs import mute_wire_loggers
+
     logging.basicConfig(format="imsa: %(message)s", stream=sys.stderr)
     _set_log_level(args)
     # Even with --debug: botocore's DEBUG lines print STS's raw answers, i.e. the MFA session's secret and token.

@@ -681,6 +681,24 @@ def _imsa_names(path=None):
 # --- one name, two files ---
 
 
+def input_paths(environ=None):
+    """Every file resolve() may read, in order — ~/.imsa, the organisation's directory and its files
+    (system_files' names, unchecked here), the AWS config files: the parsed-profile cache (imsa/profile_cache.py)
+    is keyed by their identities, so a file added to resolution is added here. The directory itself is there
+    because a file added to it, removed or replaced changes it."""
+    from imsa import paths
+    from imsa.sources import aws_config
+
+    directory = paths.system_config_dir(environ)
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:  # none (the usual case), or unreadable: resolve() says so
+        names = []
+    system = [os.path.join(directory, name) for name in names
+              if name.endswith(SYSTEM_SUFFIXES) and not name.startswith(".")]
+    return [config_path(), directory, *system, *aws_config.file_paths(environ)]
+
+
 def resolve(name, warn=None, environ=None):
     """Profile *name*: from ~/.imsa when it has it, else from the AWS config files; ConfigError naming both files
     (with the closest name) when neither has it."""

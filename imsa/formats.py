@@ -25,12 +25,18 @@ def variables(profile, creds):
     """The variables an export sets, in order: the AWS_* credentials, IMSA_PROFILE(_EXPIRATION) and the region."""
     from imsa.credentials import format_time
 
-    values = dict(creds.to_env())
-    values["IMSA_PROFILE"] = profile.name
-    values["IMSA_PROFILE_EXPIRATION"] = format_time(creds.expiration)
-    if profile.region:
-        values["AWS_REGION"] = profile.region
-        values["AWS_DEFAULT_REGION"] = profile.region
+    return export_variables(creds.to_env(), profile.name, format_time(creds.expiration), profile.region)
+
+
+def export_variables(credentials_env, name, expiration, region):
+    """variables() from its parts (the AWS_* variables, the profile's name, the expiration as text, the region):
+    what the held-session fast path (imsa/commands/fast.py) renders without imsa.credentials."""
+    values = dict(credentials_env)
+    values["IMSA_PROFILE"] = name
+    values["IMSA_PROFILE_EXPIRATION"] = expiration
+    if region:
+        values["AWS_REGION"] = region
+        values["AWS_DEFAULT_REGION"] = region
     return values
 
 

@@ -39,7 +39,7 @@ _SCRUB = (
     "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_STS", "AWS_EC2_METADATA_SERVICE_ENDPOINT", "AWS_EC2_METADATA_DISABLED", "AWS_REGION",
     "AWS_DEFAULT_REGION", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy",
-    "NO_PROXY", "no_proxy", "IMSA_CONFIG", "IMSA_CONTROL_SOCKET", "IMSA_SERVICE_USER", "XDG_RUNTIME_DIR", "IMSA_SIGNIN_URL",
+    "NO_PROXY", "no_proxy", "IMSA_CONFIG", "IMSA_CONTROL_SOCKET", "IMSA_SERVICE_USER", "XDG_RUNTIME_DIR", "XDG_STATE_HOME", "IMSA_SIGNIN_URL",
     # A suite started with sudo: the CLI, run as root, would become that user (imsa/sudo.py).
     "SUDO_UID", "SUDO_GID", "SUDO_USER", "SUDO_COMMAND",
     # A suite started by a systemd unit: the service's log format would follow the journal's.

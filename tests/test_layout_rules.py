@@ -13,6 +13,11 @@ SERVER_FORBIDDEN = ("imsa.config",)
 COMMANDS_HEAVY = ("flask", "waitress")
 # At module level of cli.py (or of what it imports at module level) these would slow completion and imsa status.
 CLI_HEAVY = ("boto3", "botocore", "yaml", "flask", "waitress")
+# At module level of cli.py and of the held-session fast path of export / credential-process (imsa/commands/fast.py),
+# which answer at the start of every shell and SDK process: the parser, logging, the profile loader and
+# dataclasses (with inspect) cost several times the interpreter's own start.
+FAST_PATH = ("imsa.cli", "imsa.commands.fast")
+FAST_PATH_HEAVY = CLI_HEAVY + ("argparse", "logging", "dataclasses", "inspect", "imsa.config", "imsa.credentials")
 FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
 
 
@@ -96,6 +101,11 @@ def violations(root):
     bad = hits(imported_closure(root, "imsa.cli", module_level_only=True), CLI_HEAVY)
     if bad:
         found.append(f"imsa.cli imports at module level {', '.join(bad)}")
+    for module in FAST_PATH:
+        if module in modules:
+            bad = hits(imported_closure(root, module, module_level_only=True), FAST_PATH_HEAVY)
+            if bad:
+                found.append(f"{module} (a fast path) imports at module level {', '.join(bad)}")
     return found
 
 
@@ -107,7 +117,7 @@ def test_the_package_keeps_its_seams():
 
 def _package(root, files):
     """A small imsa package under *root*: the given {relative path: source}, plus what every tree has."""
-    files = {"imsa/__init__.py": "", "imsa/cli.py": "import argparse\n", "imsa/config.py": "import os\n",
+    files = {"imsa/__init__.py": "", "imsa/cli.py": "import os\n", "imsa/config.py": "import os\n",
              "imsa/server/__init__.py": "", "imsa/commands/__init__.py": "", **files}
     for relative, source in files.items():
         path = root / relative
@@ -130,9 +140,17 @@ def _package(root, files):
     ({"imsa/commands/roles.py": "from imsa.server import imds\n", "imsa/server/imds.py": "import flask\n"},
      ["imsa.commands.roles imports at module level flask"]),
     ({"imsa/commands/roles.py": "def serve():\n    import waitress\n"}, []),  # only when it runs: allowed
-    ({"imsa/cli.py": "import yaml\n"}, ["imsa.cli imports at module level yaml"]),
+    ({"imsa/cli.py": "import yaml\n"}, ["imsa.cli imports at module level yaml",
+                                        "imsa.cli (a fast path) imports at module level yaml"]),
+    ({"imsa/cli.py": "import logging\n"}, ["imsa.cli (a fast path) imports at module level logging"]),
+    ({"imsa/commands/fast.py": "from imsa import config\n"},
+     ["imsa.commands.fast (a fast path) imports at module level imsa.config"]),
+    ({"imsa/commands/fast.py": "from imsa import credentials\n", "imsa/credentials.py": "import dataclasses\n"},
+     ["imsa.commands.fast (a fast path) imports at module level dataclasses, imsa.credentials"]),
+    ({"imsa/cli.py": "def build_parser():\n    import argparse\n"}, []),
     ({"imsa/cli.py": "from imsa.commands import roles\n", "imsa/commands/roles.py": "import botocore.session\n"},
-     ["imsa.cli imports at module level botocore.session"]),
+     ["imsa.cli imports at module level botocore.session",
+      "imsa.cli (a fast path) imports at module level botocore.session"]),
     ({"imsa/cli.py": "def run():\n    import boto3\n"}, []),
 ])
 def test_each_seam_rule_finds_its_violation(tmp_path, files, expected):

@@ -46,12 +46,23 @@ def load_profile(name, io, pick=True):
     """Profile *name* from ~/.imsa, else from the AWS config files; the permission warning and the profile's notes
     (a duration cut to the role-chaining hour) go to *io*. With *pick*, a profile whose role is picked at sign-in
     (an OIDC profile without role_arn) gets it now; commands that need the source only pass False."""
+    from imsa import profile_cache
+
     expiry.warn_before()  # a bad IMSA_WARN_BEFORE is said before anything is asked or made
-    profile = config.resolve(name, warn=io.say)
+    before = profile_cache.key(config.input_paths())  # before reading: a file changed meanwhile misses the cache
+    said = []
+
+    def warn(text):
+        said.append(text)
+        io.say(text)
+
+    profile = config.resolve(name, warn=warn)
     if pick and not profile.role_arn and hasattr(profile.source, "pick_role"):  # a role picked at sign-in (OIDC)
         profile = profile.source.pick_role(profile, io)
     for note in profile.notes:
         io.say(f"imsa: note: {note}")
+    if not said:  # a cached answer would skip what was said: only a quiet resolution is cached
+        profile_cache.remember(profile, before)
     return profile
 
 

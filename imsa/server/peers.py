@@ -1,8 +1,13 @@
 """Who is at the other end of a connection to the service: SO_PEERCRED for the control socket, and the user
-owning the client's socket of a local TCP connection (IMDS serves only the owner's processes and root's)."""
+owning the client's socket of a local TCP connection (IMDS serves only the owner's processes and root's).
 
+The command line imports this module for peer_credentials alone, at the start of every ``imsa export``: what only
+the service's TCP lookups need (ipaddress) is imported by the functions that use it.
+"""
+
+import _thread
 import errno
-import ipaddress
+import itertools
 import os
 import socket
 import struct
@@ -41,8 +46,47 @@ def is_local_peer(peer, listen_ip=None):
 
 
 def _unmapped(ip):
+    import ipaddress
+
     ip = ipaddress.ip_address(ip.split("%", 1)[0])
     return ip.ipv4_mapped or ip if ip.version == 6 else ip
+
+
+class _Netlink:
+    """One sock_diag socket for the life of the process, one question at a time: opening and closing a netlink
+    socket for each new connection cost more than the question itself (a burst of SDK clients opens hundreds)."""
+
+    def __init__(self):
+        self.lock = _thread.allocate_lock()  # threading.Lock() without importing threading
+        self.sock = None
+        self.sequence = itertools.count(1)
+
+    def ask(self, flags, body):
+        """Send one sock_diag request (*flags*, *body*) under a sequence number of its own, and return the answer
+        that carries that number; OSError when netlink cannot be used here."""
+        with self.lock:
+            if self.sock is None:
+                self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+                self.sock.settimeout(1)
+            number = next(self.sequence) & 0xFFFFFFFF
+            header = struct.pack("=IHHII", 16 + len(body), SOCK_DIAG_BY_FAMILY, flags, number, 0)
+            try:
+                self.sock.sendto(header + body, (0, 0))
+                for _ in range(NETLINK_STALE_ANSWERS):
+                    answer = self.sock.recv(65536)
+                    # An answer to an earlier question that timed out is still queued: skip it.
+                    if len(answer) >= 16 and struct.unpack_from("=I", answer, 8)[0] == number:
+                        return answer
+                raise OSError(errno.EPROTO, "sock_diag: no answer to this question")
+            except OSError:
+                self.sock.close()  # a fresh socket next time: nothing stale is read again
+                self.sock = None
+                raise
+
+
+# Answers to earlier questions read past before giving up on one (each of those had timed out).
+NETLINK_STALE_ANSWERS = 8
+_netlink = _Netlink()
 
 
 def _diag_uid(client_ip, client_port, server_ip, server_port):
@@ -52,17 +96,15 @@ def _diag_uid(client_ip, client_port, server_ip, server_port):
 
     def packed(ip):
         if family == socket.AF_INET6 and ip.version == 4:
+            import ipaddress
+
             ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
         return ip.packed.ljust(16, b"\0")
 
     sockid = struct.pack("!HH16s16s", client_port, server_port, packed(client_ip), packed(server_ip))
     sockid += struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
     body = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
-    header = struct.pack("=IHHII", 16 + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as netlink:
-        netlink.settimeout(1)
-        netlink.sendto(header + body, (0, 0))
-        answer = netlink.recv(65536)
+    answer = _netlink.ask(NLM_F_REQUEST, body)
     kind = struct.unpack_from("=H", answer, 4)[0] if len(answer) >= 16 else None
     if kind == NLMSG_ERROR and len(answer) >= 20:
         code = -struct.unpack_from("=i", answer, 16)[0]
@@ -81,6 +123,8 @@ def _diag_uid(client_ip, client_port, server_ip, server_port):
 def _proc_net_address(ip, port, v6_table):
     """How /proc/net/tcp (or tcp6) writes ip:port: 32-bit words in host (little-endian) order, in hex."""
     if ip.version == 4 and v6_table:
+        import ipaddress
+
         ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
     packed = ip.packed
     words = "".join(f"{int.from_bytes(packed[i:i + 4], sys.byteorder):08X}" for i in range(0, len(packed), 4))

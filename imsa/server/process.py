@@ -52,6 +52,17 @@ IMDS_SERVER_OPTIONS = dict(
     connection_limit=IMDS_CONNECTION_LIMIT,
 )
 STOP_DELAY = 0.2
+# Connections the kernel completes before the event loop accepts them. SDKs give IMDS one attempt of 1 s: a
+# connection refused by a full queue is retried by the kernel only after 1 s, i.e. a failure. 256 SDK clients at
+# once (a parallel build) must fit; the kernel caps it at net.core.somaxconn (4096 by default).
+LISTEN_BACKLOG = 1024
+# Connections accepted per wake-up of the event loop. waitress takes one, and every wake-up asks each open
+# connection whether it is readable: a burst of N connections cost N² of those questions (256 SDK clients at once
+# took twice as long as 64 did, four times over).
+ACCEPT_BATCH = 64
+# The shortest sleep of the event loop while a connection is open (serve_loop): a deadline that has just passed is
+# acted on at the next look, and this bounds how often the loop looks meanwhile.
+MIN_POLL_TIMEOUT = 0.05
 # The systemd unit hands the listening socket over as fd 3 (socket activation).
 SD_LISTEN_FDS_START = 3
 
@@ -163,7 +174,8 @@ def _deadline_channel():
             return done
 
         def readable(self):
-            # The event loop asks every channel at least once a second (its poll timeout), so this is the clock.
+            # The event loop looks at every channel by this deadline while it is set (serve_loop), so this is the
+            # clock.
             began = self.request_began
             if began is not None and not self.will_close and time.monotonic() - began > REQUEST_DEADLINE:
                 log.debug("closing a connection from %s: no whole request within %d s", self.addr, REQUEST_DEADLINE)
@@ -224,7 +236,7 @@ def bind_tcp(host, port, device=None):
         if error.errno == errno.EADDRINUSE:
             raise ServiceError(f"cannot bind {host}:{port}: already in use (is imsa already running? see: imsa status)") from None
         raise ServiceError(f"cannot bind {host}:{port}: {error.strerror}") from None
-    sock.listen(128)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -609,6 +621,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
                   connection_limit=IMDS_CONNECTION_LIMIT + OWNER_CONNECTIONS)
     imds_server = create_server(imds_app, sockets=[tcp], map=shared_map, **IMDS_SERVER_OPTIONS)
     imds_server.channel_class = _imds_channel()
+    _accept_in_batches(imds_server)
     control_server = create_server(
         control_app, sockets=[unix], threads=CONTROL_THREADS, max_request_header_size=16384,
         max_request_body_size=1 << 20, **common,
@@ -644,7 +657,7 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
         host, port, "optional" if allow_imdsv1 else "required", uid, path,
     )
     try:
-        wasyncore.loop(timeout=1, map=shared_map, use_poll=True)
+        serve_loop(shared_map)
     except SystemExit:
         pass
     finally:
@@ -657,6 +670,53 @@ def run(listen=DEFAULT_LISTEN, allow_imdsv1=False, user=None, report_ready=False
             server.close()
         _unlink(path)
     return 0
+
+
+def _accept_in_batches(server):
+    """Make waitress *server* accept up to ACCEPT_BATCH waiting connections each time its socket is readable, as
+    long as its connection_limit allows (waitress checks it only between wake-ups)."""
+    accept_one = server.handle_accept
+
+    def handle_accept():
+        for _ in range(ACCEPT_BATCH):
+            before = len(server._map)
+            accept_one()
+            # Nothing was waiting (or accept failed): done. At the limit: waitress stops accepting at its next look.
+            if len(server._map) == before or len(server._map) >= server.adj.connection_limit:
+                break
+
+    server.handle_accept = handle_accept
+
+
+def serve_loop(shared_map):
+    """waitress's event loop over *shared_map*, but asleep while nothing can time out: waitress's own loop woke every
+    second, all day. Events (a connection, a request, a finished answer) wake it as before; a signal (SIGTERM,
+    SIGINT) still ends the wait."""
+    from waitress import wasyncore
+
+    while shared_map:
+        wasyncore.poll2(poll_timeout(shared_map), shared_map)
+
+
+def poll_timeout(shared_map):
+    """How long the event loop may sleep: None with no connection open; else until the nearest deadline — a
+    request's REQUEST_DEADLINE (_deadline_channel), or a server's next sweep of connections idle past
+    channel_timeout (waitress does it when it next looks at the server after next_channel_cleanup)."""
+    from waitress.channel import HTTPChannel
+
+    wall, monotonic = time.time(), time.monotonic()
+    waits, connections = [], False
+    for entry in list(shared_map.values()):
+        if isinstance(entry, HTTPChannel):
+            connections = True
+            began = getattr(entry, "request_began", None)
+            if began is not None:
+                waits.append(began + REQUEST_DEADLINE - monotonic)
+        elif getattr(entry, "next_channel_cleanup", None) is not None:  # a waitress server (wall clock)
+            waits.append(entry.next_channel_cleanup - wall)
+    if not connections:
+        return None
+    return max(MIN_POLL_TIMEOUT, min(waits, default=MIN_POLL_TIMEOUT))
 
 
 def _serve_again(store, spec):
