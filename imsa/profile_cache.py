@@ -99,11 +99,16 @@ def lookup(name, environ=None):
 def remember(profile, before, environ=None):
     """Add resolved *profile* to the cache, keyed by *before* (``key(config.input_paths())`` taken before resolving:
     a file changed meanwhile makes the entry stale at once, never wrong). Only long-term-key profiles with nothing
-    to say (no notes); a cache that cannot be written is left as it is."""
+    to say (no notes) and no question to ask (not ``confirm: true``); a cache that cannot be written is left as it
+    is."""
     from imsa.sources.iam_user import Keys
+
+    from imsa.config import fence_of
 
     environ = os.environ if environ is None else environ
     if not isinstance(profile.source, Keys) or profile.notes:
+        return
+    if fence_of(profile).confirm:  # asked on the terminal at every use: the fast path never answers for it
         return
     path = cache_path(environ)
     entry = {"name": profile.name, "fingerprint": profile.fingerprint, "region": profile.region,

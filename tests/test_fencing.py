@@ -108,3 +108,18 @@ def test_confirm_asks_on_the_terminal_each_time(isolated_env, active_service, st
     # A profile without the key is never asked about.
     done = run_without_terminal("export", "a", "--mfa-token", MFA_CODE)
     assert done.returncode == 0, done.stderr
+
+
+def test_confirm_is_asked_even_when_the_session_is_held_and_the_profile_was_resolved_before(
+        isolated_env, active_service, sts_env):
+    """The held-session fast path of export/credential-process (imsa/commands/fast.py) answers from the profile
+    cache: a confirm: true profile must never be answered there, or the question is skipped."""
+    fenced_config(isolated_env, sts_env)
+    process, _, stdout, stderr = answer_on_terminal(["export", "c2", "--mfa-token", MFA_CODE], ["y"],
+                                                    until=PROMPT_END)
+    assert process.returncode == 0 and "AWS_ACCESS_KEY_ID" in stdout, stderr
+    for argv in (["credential-process", "c2"], ["export", "c2"], ["export", "c2", "--format", "json"]):
+        line = one_error_line(run_without_terminal(*argv), EXIT_ERROR)
+        assert "confirm: true" in line
+    done = run_without_terminal("export", "a")  # a profile without the key: answered, by whichever path
+    assert done.returncode == 0 and "AWS_ACCESS_KEY_ID" in done.stdout, done.stderr
