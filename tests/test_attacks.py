@@ -402,7 +402,7 @@ def test_the_uid_behind_a_local_tcp_connection_is_found(family, host):
         # Both ways of looking it up: sock_diag, and /proc/net/tcp where netlink is not allowed.
         server_ip, server_port = accepted.getsockname()[:2]
         client_ip, client_port = accepted.getpeername()[:2]
-        ends = (peers._unmapped(client_ip), client_port, peers._unmapped(server_ip), server_port)
+        ends = (peers.unmapped(client_ip), client_port, peers.unmapped(server_ip), server_port)
         assert peers._diag_uid(*ends) == os.geteuid()
         assert peers._proc_uid(*ends) == os.geteuid()
         nowhere = (ends[0], ends[1], ends[2], 1)
@@ -453,7 +453,7 @@ def test_regression_a_client_socket_closed_before_accept_looked_like_roots():
         assert peers.tcp_peer_uid(closed) is None
         server_ip, server_port = closed.getsockname()[:2]
         client_ip, client_port = closed.getpeername()[:2]
-        ends = (peers._unmapped(client_ip), client_port, peers._unmapped(server_ip), server_port)
+        ends = (peers.unmapped(client_ip), client_port, peers.unmapped(server_ip), server_port)
         assert peers._diag_uid(*ends) is None, "sock_diag"
         assert peers._proc_uid(*ends) is None, "/proc/net/tcp"
     finally:

@@ -21,7 +21,7 @@ def connection_pair():
 def ends(accepted):
     server_ip, server_port = accepted.getsockname()[:2]
     client_ip, client_port = accepted.getpeername()[:2]
-    return peers._unmapped(client_ip), client_port, peers._unmapped(server_ip), server_port
+    return peers.unmapped(client_ip), client_port, peers.unmapped(server_ip), server_port
 
 
 def test_one_netlink_socket_answers_question_after_question():

@@ -22,18 +22,16 @@ lines (0600, opened without following a symlink, rotated at FILE_MAX_BYTES) by t
 
 import collections
 import errno
-import ipaddress
 import json
 import logging
 import os
 import select
-import socket
 import stat
-import struct
 import threading
 import time
 
 from imsa.credentials import format_time, mask, utcnow
+from imsa.server.peers import tcp_socket, unmapped
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +58,6 @@ FILE_MAX_BYTES = 1 << 20
 FILE_BACKUPS = 3
 FILE_MODE = 0o600
 
-# sock_diag (linux/inet_diag.h), as imsa/server/peers.py asks it: here for the inode of the client's socket.
-NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST = 1
-NLMSG_ERROR = 2
-INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 
 NOT_SEEN = "the process closed its connection or exited before the lookup"
 QUEUE_FULL = "not attributed: too many deliveries at once"
@@ -447,39 +439,15 @@ def socket_inode(client, server):
     """The inode of the TCP socket whose local end is *client* and remote end *server* ((ip, port) each), or None
     when there is none any more (closed: an orphan has inode 0) or sock_diag cannot be used here."""
     try:
-        client_ip, server_ip = _address(client[0]), _address(server[0])
+        client_ip, server_ip = unmapped(str(client[0])), unmapped(str(server[0]))
         client_port, server_port = int(client[1]), int(server[1])
     except (ValueError, TypeError, IndexError):
         return None
-    family = socket.AF_INET if client_ip.version == server_ip.version == 4 else socket.AF_INET6
-
-    def packed(ip):
-        if family == socket.AF_INET6 and ip.version == 4:
-            ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
-        return ip.packed.ljust(16, b"\0")
-
-    sockid = struct.pack("!HH16s16s", client_port, server_port, packed(client_ip), packed(server_ip))
-    sockid += struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
-    body = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
-    header = struct.pack("=IHHII", 16 + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
     try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as netlink:
-            netlink.settimeout(1)
-            netlink.sendto(header + body, (0, 0))
-            answer = netlink.recv(65536)
+        found = tcp_socket(client_ip, client_port, server_ip, server_port)
     except OSError:
         return None
-    kind = struct.unpack_from("=H", answer, 4)[0] if len(answer) >= 16 else None
-    if kind != SOCK_DIAG_BY_FAMILY or len(answer) < 16 + 72:
-        return None
-    # struct inet_diag_msg: the inode is at offset 68 (peers.py reads the uid beside it).
-    inode = struct.unpack_from("=I", answer, 16 + 68)[0]
-    return inode or None
-
-
-def _address(text):
-    ip = ipaddress.ip_address(str(text).split("%", 1)[0])
-    return ip.ipv4_mapped or ip if ip.version == 6 else ip
+    return (found[2] or None) if found else None  # an orphan socket has inode 0
 
 
 def _ends(text):
@@ -488,7 +456,7 @@ def _ends(text):
     if not sep or not port.isdigit():
         return None
     try:
-        return str(_address(host.strip("[]"))), int(port)
+        return str(unmapped(host.strip("[]"))), int(port)
     except ValueError:
         return None
 

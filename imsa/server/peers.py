@@ -39,13 +39,13 @@ _NO_INODE = 0
 def is_local_peer(peer, listen_ip=None):
     """True for a loopback peer address, or *listen_ip* itself (IPv4-mapped IPv6 counts as IPv4; a zone is ignored)."""
     try:
-        peer_ip = _unmapped(peer)
+        peer_ip = unmapped(peer)
     except ValueError:
         return False
     return peer_ip.is_loopback or peer_ip == listen_ip
 
 
-def _unmapped(ip):
+def unmapped(ip):
     import ipaddress
 
     ip = ipaddress.ip_address(ip.split("%", 1)[0])
@@ -89,9 +89,9 @@ NETLINK_STALE_ANSWERS = 8
 _netlink = _Netlink()
 
 
-def _diag_uid(client_ip, client_port, server_ip, server_port):
-    """sock_diag: the uid of the TCP socket whose local end is client_ip:port and remote end server_ip:port,
-    None if there is none; OSError when netlink cannot be used here."""
+def tcp_socket(client_ip, client_port, server_ip, server_port):
+    """sock_diag: (state, uid, inode) of the TCP socket whose local end is client_ip:port and remote end
+    server_ip:port (ip_address objects), None if there is none; OSError when netlink cannot be used here."""
     family = socket.AF_INET if client_ip.version == server_ip.version == 4 else socket.AF_INET6
 
     def packed(ip):
@@ -117,6 +117,16 @@ def _diag_uid(client_ip, client_port, server_ip, server_port):
     # wqueue, then uid at offset 64 and inode at 68.
     state = answer[16 + 1]
     uid, inode = struct.unpack_from("=II", answer, 16 + 64)
+    return state, uid, inode
+
+
+def _diag_uid(client_ip, client_port, server_ip, server_port):
+    """sock_diag: the uid of the TCP socket whose local end is client_ip:port and remote end server_ip:port,
+    None if there is none (or it has no owner any more); OSError when netlink cannot be used here."""
+    found = tcp_socket(client_ip, client_port, server_ip, server_port)
+    if found is None:
+        return None
+    state, uid, inode = found
     return None if state in _OWNERLESS or inode == _NO_INODE else uid
 
 
@@ -159,7 +169,7 @@ def tcp_peer_uid(sock):
     try:
         server_ip, server_port = sock.getsockname()[:2]
         client_ip, client_port = sock.getpeername()[:2]
-        server_ip, client_ip = _unmapped(server_ip), _unmapped(client_ip)
+        server_ip, client_ip = unmapped(server_ip), unmapped(client_ip)
     except (OSError, ValueError):
         return None
     try:
