@@ -84,6 +84,44 @@ def fingerprint(*parts):
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+class BearerSession:
+    """What the token sessions (IAM Identity Center, OIDC, credential servers) share: their ``expiration`` and the
+    checks of their control-plane JSON. The subclass is a frozen dataclass with an ``expiration`` field."""
+
+    def __str__(self):
+        return repr(self)  # each subclass's repr names what it is for and hides the token
+
+    def remaining(self, now=None):
+        """Time left before the token ends (negative once it has)."""
+        from imsa.credentials import utcnow
+
+        return self.expiration - (now or utcnow())
+
+    def expired(self, now=None):
+        """True once the token has ended."""
+        import datetime
+
+        return self.remaining(now) <= datetime.timedelta(0)
+
+    @staticmethod
+    def token_of(data, name, limit):
+        """*data*[*name*], a bearer token of printable text, at most *limit* characters; ValueError otherwise."""
+        token = data.get(name)
+        if not isinstance(token, str) or not 0 < len(token) <= limit or not token.isprintable():
+            raise ValueError(f"{name!r} must be printable text of 1-{limit} characters")
+        return token
+
+    @staticmethod
+    def expiration_of(data):
+        """*data*["expiration"] as a time; ValueError otherwise."""
+        from imsa.credentials import parse_time
+
+        expiration = data.get("expiration")
+        if not isinstance(expiration, str):
+            raise ValueError("'expiration' must be a time")
+        return parse_time(expiration)
+
+
 @dataclass(frozen=True)
 class Hop:
     """One AssumeRole the service makes on the way from the session to the profile's role."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from imsa.credentials import Credentials, format_time, parse_time, utcnow
 from imsa.errors import ConfigError, StsError
-from imsa.sources import fingerprint
+from imsa.sources import BearerSession, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def server_role(role_arn):
 
 
 @dataclass(frozen=True)
-class ServerToken:
+class ServerToken(BearerSession):
     """The session of a credential server: its access token (a bearer secret; repr hides it), when it ends, and the
     server it is for (id and url: the minter needs nothing else)."""
 
@@ -307,39 +307,25 @@ class ServerToken:
     def __repr__(self):
         return f"ServerToken(server_id={self.server_id!r}, expiration={format_time(self.expiration)!r})"
 
-    __str__ = __repr__
 
     @classmethod
     def from_json(cls, data):
         """Build from the control plane's JSON (``to_json``); ValueError names the first bad field."""
         if not isinstance(data, dict):
             raise ValueError("the credential server session must be a JSON object")
-        token = data.get("access_token")
-        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN or not token.isprintable():
-            raise ValueError(f"'access_token' must be printable text of 1-{MAX_TOKEN} characters")
+        token = cls.token_of(data, "access_token", MAX_TOKEN)
         server_id = data.get("server_id")
         if not isinstance(server_id, str) or not 0 < len(server_id) <= MAX_SERVER_ID or not server_id.isprintable():
             raise ValueError(f"'server_id' must be printable text of 1-{MAX_SERVER_ID} characters")
         problem = _url_problem(data.get("url"), "'url'")
         if problem:
             raise ValueError(problem)
-        expiration = data.get("expiration")
-        if not isinstance(expiration, str):
-            raise ValueError("'expiration' must be a time")
-        return cls(token, parse_time(expiration), server_id, data["url"])
+        return cls(token, cls.expiration_of(data), server_id, data["url"])
 
     def to_json(self):
         """The control plane's JSON form (the token included: only ever sent over the owner-only socket)."""
         return {"access_token": self.access_token, "expiration": format_time(self.expiration),
                 "server_id": self.server_id, "url": self.url}
-
-    def remaining(self, now=None):
-        """Time left before the token ends (negative once it has)."""
-        return self.expiration - (now or utcnow())
-
-    def expired(self, now=None):
-        """True once the token has ended."""
-        return self.remaining(now) <= datetime.timedelta(0)
 
 
 @dataclass(frozen=True, repr=False)

@@ -24,9 +24,9 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field
 
-from imsa.credentials import Credentials, format_time, parse_time, utcnow
+from imsa.credentials import Credentials, format_time, utcnow
 from imsa.errors import StsError
-from imsa.sources import fingerprint
+from imsa.sources import BearerSession, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def discovery_url_of(configured):
 
 
 @dataclass(frozen=True)
-class IdToken:
+class IdToken(BearerSession):
     """The session of a web-identity source: the ID token (a bearer secret; repr hides it), when it ends (its
     ``exp``), its issuer and subject (for status), and the duration to ask STS for."""
 
@@ -95,7 +95,6 @@ class IdToken:
     def __repr__(self):
         return f"IdToken(issuer={self.issuer!r}, subject={self.subject!r}, expiration={format_time(self.expiration)!r})"
 
-    __str__ = __repr__
 
     @classmethod
     def from_json(cls, data):
@@ -113,23 +112,12 @@ class IdToken:
         duration = data.get("duration_seconds", DEFAULT_DURATION)
         if isinstance(duration, bool) or not isinstance(duration, int) or not MIN_DURATION <= duration <= MAX_DURATION:
             raise ValueError(f"'duration_seconds' must be a whole number from {MIN_DURATION} to {MAX_DURATION}")
-        expiration = data.get("expiration")
-        if not isinstance(expiration, str):
-            raise ValueError("'expiration' must be a time")
-        return cls(token, parse_time(expiration), data["issuer"], data["subject"], duration)
+        return cls(token, cls.expiration_of(data), data["issuer"], data["subject"], duration)
 
     def to_json(self):
         """The control plane's JSON form (the token included: only ever sent over the owner-only socket)."""
         return {"id_token": self.id_token, "expiration": format_time(self.expiration), "issuer": self.issuer,
                 "subject": self.subject, "duration_seconds": self.duration_seconds}
-
-    def remaining(self, now=None):
-        """Time left before the token ends (negative once it has)."""
-        return self.expiration - (now or utcnow())
-
-    def expired(self, now=None):
-        """True once the token has ended."""
-        return self.remaining(now) <= datetime.timedelta(0)
 
 
 def _failure(error, profile=None):

@@ -24,9 +24,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from imsa.credentials import Credentials, format_time, parse_time, utcnow
+from imsa.credentials import Credentials, format_time, utcnow
 from imsa.errors import StsError
-from imsa.sources import fingerprint
+from imsa.sources import BearerSession, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def portal_role(role_arn):
 
 
 @dataclass(frozen=True)
-class SsoToken:
+class SsoToken(BearerSession):
     """The session of an SSO source: an access token (a bearer secret; repr hides it), when it ends, the start URL
     and region it is for, and the portal endpoint the CLI resolved (None: the region's own)."""
 
@@ -72,7 +72,6 @@ class SsoToken:
     def __repr__(self):
         return f"SsoToken(start_url={self.start_url!r}, expiration={format_time(self.expiration)!r})"
 
-    __str__ = __repr__
 
     @classmethod
     def from_json(cls, data):
@@ -81,9 +80,7 @@ class SsoToken:
 
         if not isinstance(data, dict):
             raise ValueError("the SSO session must be a JSON object")
-        token = data.get("access_token")
-        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN or not token.isprintable():
-            raise ValueError(f"'access_token' must be printable text of 1-{MAX_TOKEN} characters")
+        token = cls.token_of(data, "access_token", MAX_TOKEN)
         region = data.get("region")
         if not isinstance(region, str) or not REGION.match(region):
             raise ValueError("'region' must be a region name")
@@ -94,23 +91,12 @@ class SsoToken:
             problem = url_problem(value)
             if problem:
                 raise ValueError(f"{name!r} {problem}")
-        expiration = data.get("expiration")
-        if not isinstance(expiration, str):
-            raise ValueError("'expiration' must be a time")
-        return cls(token, parse_time(expiration), region, data["start_url"], data.get("endpoint_url"))
+        return cls(token, cls.expiration_of(data), region, data["start_url"], data.get("endpoint_url"))
 
     def to_json(self):
         """The control plane's JSON form (the token included: only ever sent over the owner-only socket)."""
         return {"access_token": self.access_token, "expiration": format_time(self.expiration), "region": self.region,
                 "start_url": self.start_url, "endpoint_url": self.endpoint_url}
-
-    def remaining(self, now=None):
-        """Time left before the token ends (negative once it has)."""
-        return self.expiration - (now or utcnow())
-
-    def expired(self, now=None):
-        """True once the token has ended."""
-        return self.remaining(now) <= datetime.timedelta(0)
 
 
 def client(service, region, endpoint_url, settings):
