@@ -84,6 +84,21 @@ def fingerprint(*parts):
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def merged_chain(name, chain, where):
+    """(settings, at) of ~/.imsa profile *name* from its ``extends`` *chain* ([(profile, settings)], farthest
+    first; the nearest value of a key wins): ``at(key)`` says where that key was set, for errors (*where*)."""
+    merged, setter = {}, {}
+    for ancestor, values in chain:
+        for key, value in values.items():
+            if key != "extends":
+                merged[key], setter[key] = value, ancestor
+
+    def at(key):
+        return where(setter.get(key, name), key)
+
+    return merged, at
+
+
 class BearerSession:
     """What the token sessions (IAM Identity Center, OIDC, credential servers) share: their ``expiration`` and the
     checks of their control-plane JSON. The subclass is a frozen dataclass with an ``expiration`` field."""

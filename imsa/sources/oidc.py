@@ -238,16 +238,9 @@ def imsa_profile(name, origin, chain, where):
     """
     from imsa import config
     from imsa.errors import ConfigError
-    from imsa.sources import Hop, Profile
+    from imsa.sources import Hop, Profile, merged_chain
 
-    merged, setter = {}, {}
-    for ancestor, values in chain:
-        for key, value in values.items():
-            if key != "extends":
-                merged[key], setter[key] = value, ancestor
-
-    def at(key):
-        return where(setter.get(key, name), key)
+    merged, at = merged_chain(name, chain, where)
 
     for key in NOT_WITH_OIDC:
         if key in merged:

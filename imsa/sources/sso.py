@@ -280,17 +280,10 @@ def imsa_profile(name, origin, chain, where):
     from imsa import config
     from imsa.errors import ConfigError
     from imsa.limits import DEFAULT_ROLE_DURATION
-    from imsa.sources import Hop, Profile
+    from imsa.sources import Hop, Profile, merged_chain
     from imsa.sts_settings import url_problem
 
-    merged, setter = {}, {}
-    for ancestor, values in chain:
-        for key, value in values.items():
-            if key != "extends":
-                merged[key], setter[key] = value, ancestor
-
-    def at(key):
-        return where(setter.get(key, name), key)
+    merged, at = merged_chain(name, chain, where)
 
     for key in NOT_WITH_SSO:
         if key in merged:
