@@ -21,16 +21,15 @@ lines (0600, opened without following a symlink, rotated at FILE_MAX_BYTES) by t
 """
 
 import collections
-import errno
 import json
 import logging
 import os
 import select
-import stat
 import threading
 import time
 
 from imsa.credentials import format_time, mask, utcnow
+from imsa.server.logs import open_private
 from imsa.server.peers import tcp_socket, unmapped
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,6 @@ MAX_KNOWN = 256
 MAX_CMDLINE = 512
 FILE_MAX_BYTES = 1 << 20
 FILE_BACKUPS = 3
-FILE_MODE = 0o600
 
 
 NOT_SEEN = "the process closed its connection or exited before the lookup"
@@ -175,7 +173,7 @@ class DeliveryLog:
     def open_file(self):
         """Open the log file for appending (as the service's user: after the drop); OSError when it cannot be."""
         if self.path is not None:
-            self._file = _open_append(self.path)
+            self._file = open_private(self.path)
 
     def start(self):
         """Start the worker thread."""
@@ -374,10 +372,9 @@ class DeliveryLog:
         if self._file is None or not records:
             return
         try:
-            data = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records).encode()
-            self._file.write(data)
+            self._file.write("".join(json.dumps(record, sort_keys=True) + "\n" for record in records))
             self._file.flush()
-            if self._file.tell() >= self._max_bytes:
+            if os.fstat(self._file.fileno()).st_size >= self._max_bytes:
                 self._rotate()
         except OSError as error:
             log.warning("cannot write the delivery log %s: %s", self.path, error)
@@ -392,22 +389,7 @@ class DeliveryLog:
             except FileNotFoundError:
                 pass
         os.replace(self.path, f"{self.path}.1")
-        self._file = _open_append(self.path)
-
-
-def _open_append(path):
-    """*path* opened for appending, made 0600 if new; never through a symlink, and only a regular file of ours."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-            raise OSError(errno.EPERM, f"{path} is not a regular file of uid {os.geteuid()}")
-        if stat.S_IMODE(info.st_mode) & 0o077:
-            os.fchmod(fd, FILE_MODE)  # it says who used which role: for the owner only
-    except BaseException:
-        os.close(fd)
-        raise
-    return os.fdopen(fd, "ab", buffering=0)
+        self._file = open_private(self.path)
 
 
 def open_pidfd(pid):
